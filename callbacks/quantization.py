@@ -1,0 +1,101 @@
+"""`QuantizationCallback`: injects fake-quant into the LightningModule's `net` before the optimizer exists.
+
+Lightning's order is setup -> configure_model -> checkpoint restore -> strategy setup (DDP wrap,
+configure_optimizers) -> on_fit_start. Swapping layers in `setup` is the latest point at which new
+parameters (LSQ steps, PACT alphas) still reach the optimizer and DDP; `on_fit_start` would be too late and
+never runs for `test`. The spec is written into every checkpoint, and the module re-applies it on load.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from quantizers import (
+    CHECKPOINT_KEY,
+    LSQQuantizer,
+    QuantSpec,
+    QuantSpecError,
+    applied_spec,
+    plan_layers,
+    quantize_model,
+    quantizer_state,
+    weight_quantization_noise,
+)
+
+def _network(pl_module: L.LightningModule) -> nn.Module:
+    net = getattr(pl_module, "net", None)
+    if not isinstance(net, nn.Module):
+        raise QuantSpecError(
+            f"{type(pl_module).__name__} has no `net` module for the quantization callback to quantize"
+        )
+    return net
+
+
+def _uninitialized_activation_quantizers(net: nn.Module) -> list[str]:
+    return [
+        name for name, m in net.named_modules()
+        if isinstance(m, LSQQuantizer) and m.activation and not m._initialized
+    ]
+
+
+class QuantizationCallback(L.Callback):
+    """Applies a quantization spec to the model and logs the quantizers' state.
+
+    Configured in its own `quantization:` section of the config; its fields are those of `QuantSpec`.
+
+    Args:
+        log_every_n_epochs: how often to log step sizes, alphas and weight quantization noise.
+        **spec_fields: the fields of `quantizers.QuantSpec` (method, weight_bits, act_bits, ...).
+    """
+
+    def __init__(self, log_every_n_epochs: int = 1, **spec_fields: Any) -> None:
+        super().__init__()
+        self.spec = QuantSpec(**spec_fields)
+        self.log_every_n_epochs = max(1, int(log_every_n_epochs))
+        self._checked_first_batch = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        net = _network(pl_module)
+        if self.spec.quantized and applied_spec(net) != self.spec:
+            plans = plan_layers(net, self.spec)
+            quantize_model(net, self.spec)
+            kept = [p.name for p in plans if p.weight_bits != self.spec.weight_bits]
+            rank_zero_info(
+                f"quantization: {self.spec.describe()} on {len(plans)} layers"
+                + (f"; other precision: {', '.join(kept)}" if kept else "")
+            )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        # LSQ activation steps initialise on the first training batch; any left over never saw an input.
+        if self._checked_first_batch:
+            return
+        self._checked_first_batch = True
+        missing = _uninitialized_activation_quantizers(_network(pl_module))
+        if missing:
+            rank_zero_warn(f"LSQ activation quantizers never reached by a training batch: {', '.join(missing)}")
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        missing = _uninitialized_activation_quantizers(_network(pl_module))
+        if missing:
+            rank_zero_warn(
+                f"testing with {len(missing)} LSQ activation quantizers that were never trained "
+                "(they pass activations through in float): pass --ckpt_path of a trained model"
+            )
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        net = _network(pl_module)
+        if not applied_spec(net).quantized or trainer.current_epoch % self.log_every_n_epochs:
+            return
+        metrics = {f"quant/{name}": value for name, value in quantizer_state(net).items()}
+        noise = weight_quantization_noise(net)
+        metrics.update({f"quant_noise/{name}": value for name, value in noise.items()})
+        if noise:
+            metrics["quant_noise/mean"] = sum(noise.values()) / len(noise)
+        pl_module.log_dict(metrics, on_epoch=True, sync_dist=False)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = applied_spec(_network(pl_module)).to_dict()

@@ -1,0 +1,121 @@
+"""`ResultsCallback`: writes what the report reads, to the run directory.
+
+- after every training epoch, one JSON line of epoch-level metrics in `<run dir>/metrics.jsonl` (the
+  validation-loss curves and overfitting onset come from here, not from W&B, whose offline files are not
+  reliably readable);
+- after `test`, one results-store row per (split, metric) in `<run dir>/results.jsonl` (DESIGN.md schema).
+
+Lightning's CSVLogger is not used for the first: a resumed run rewrites its header from the new process's
+keys and duplicates the epochs replayed after the last checkpoint. Here readers keep the last line written
+for each epoch, so a resumed run simply supersedes what it replays.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from quantizers import applied_spec
+from study.store import append_rows, locked, write_atomically
+
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.jsonl"
+FLOAT_BITS = 32  # how a float (unquantized) tensor's precision is recorded in a results row
+
+
+def split_identity(name: str) -> tuple[str, int]:
+    """'clean' -> ('clean', 0); 'gaussian_noise/3' -> ('gaussian_noise', 3)."""
+    corruption, _, severity = name.partition("/")
+    return corruption, int(severity) if severity else 0
+
+
+def run_identity(trainer: L.Trainer, pl_module: L.LightningModule, study: str, run: str) -> dict[str, Any]:
+    """The columns of a results row that describe the run rather than the measurement."""
+    spec = applied_spec(pl_module.net)
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    datamodule = getattr(trainer, "datamodule", None)
+    return {
+        "run": run,
+        "study": study,
+        "model": pl_module.hparams.get("model", type(pl_module.net).__name__.lower()),
+        "dataset": getattr(datamodule, "name", "unknown"),
+        "method": spec.method,
+        "weight_bits": spec.weight_bits if spec.quantized else FLOAT_BITS,
+        "act_bits": spec.effective_act_bits or FLOAT_BITS,
+        "seed": int(seed) if seed is not None else None,
+    }
+
+
+def _scalar(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            return None
+        value = value.item()
+    return float(value) if isinstance(value, int | float) else None
+
+
+def read_epoch_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a metrics file, one per epoch (the last line written wins), sorted by epoch."""
+    by_epoch: dict[int, dict] = {}
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                row = json.loads(line)
+                by_epoch[int(row["epoch"])] = row
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+class ResultsCallback(L.Callback):
+    """Writes per-epoch metrics and test results to disk (rank 0 only).
+
+    Args:
+        path: the results store (JSON lines); default `<trainer.default_root_dir>/results.jsonl`.
+        study: the study this run belongs to ("" for a standalone run).
+        run: the run's name; default the name of `trainer.default_root_dir`.
+    """
+
+    def __init__(self, path: str | None = None, study: str = "", run: str | None = None) -> None:
+        super().__init__()
+        self.path = path
+        self.study = study
+        self.run = run
+
+    def results_path(self, trainer: L.Trainer) -> Path:
+        return Path(self.path) if self.path else Path(trainer.default_root_dir) / RESULTS_FILE
+
+    def run_name(self, trainer: L.Trainer) -> str:
+        return self.run or Path(trainer.default_root_dir).resolve().name
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        row: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        if trainer.optimizers:
+            row["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+        for name, value in sorted(trainer.callback_metrics.items()):
+            number = _scalar(value)
+            if number is not None:
+                row[name] = number if math.isfinite(number) else repr(number)
+        path = Path(trainer.default_root_dir) / METRICS_FILE
+        with locked(path):
+            existing = path.read_bytes() if path.exists() else b""
+            write_atomically(path, existing + (json.dumps(row) + "\n").encode())
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        results: dict[str, dict[str, float]] = getattr(pl_module, "test_results", {})
+        identity = run_identity(trainer, pl_module, self.study, self.run_name(trainer))
+        rows = []
+        for split_name, metrics in results.items():
+            corruption, severity = split_identity(split_name)
+            for metric, value in metrics.items():
+                rows.append({**identity, "split": "test", "corruption": corruption, "severity": severity,
+                             "metric": metric, "value": value})
+        append_rows(self.results_path(trainer), rows)

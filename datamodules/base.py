@@ -1,0 +1,162 @@
+"""In-memory 32x32 image classification with augmentation and normalisation done on the batch, on device.
+
+Datasets hold uint8 HxWx3 arrays and serve whole batches (`__getitems__`), so a DataLoader step is one numpy
+fancy-index instead of 128 per-sample transforms; random crop, flip and normalisation then run once per
+batch on the accelerator (the airbench recipe). Corrupted test splits reuse the same batched path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.errors import DataError
+
+# Maps (uint8 NxHxWx3 images, their dataset indices) to images of the same shape: e.g. a corruption.
+BatchTransform = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+class ArrayImageDataset(Dataset):
+    """uint8 NxHxWx3 images and integer labels; batches come out as (uint8 Nx3xHxW, int64 N)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: BatchTransform | None = None):
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise DataError(f"expected uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+        if len(images) != len(labels):
+            raise DataError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = np.asarray(indices, dtype=np.int64)
+        images = self.images[indices]
+        if self.transform is not None:
+            images = self.transform(images, indices)
+        return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), torch.from_numpy(
+            self.labels[indices]
+        )
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.__getitems__([index])
+        return images[0], labels[0]
+
+
+def keep_batch(batch):
+    """collate_fn for datasets whose `__getitems__` already returns a collated batch."""
+    return batch
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, flip: bool) -> torch.Tensor:
+    """Per-image random translation by up to `padding` pixels (zero padded) and horizontal flip."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n, 1, 1), device=images.device)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1, 1), device=images.device)
+    rows = torch.arange(h, device=images.device).view(1, h, 1) + dy
+    cols = torch.arange(w, device=images.device).view(1, 1, w) + dx
+    if flip:
+        mirrored = torch.rand(n, 1, 1, device=images.device) < 0.5
+        cols = torch.where(mirrored, cols.flip(2), cols)
+    batch = torch.arange(n, device=images.device).view(n, 1, 1)
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+
+
+class ImageClassificationDataModule(L.LightningDataModule):
+    """Base for the classification DataModules: splits, loaders and on-device batch preprocessing.
+
+    Subclasses implement `load()` returning uint8 (train_images, train_labels, test_images, test_labels)
+    and set `name`, `num_classes`, `class_names` and the normalisation statistics.
+    """
+
+    name: str = "images"
+    num_classes: int = 0
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    flip: bool = True
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int = 500,
+        num_workers: int = 0,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        crop_padding: int = 4,
+        augment: bool = True,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise DataError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
+        if val_size < 1:
+            raise DataError(f"data.val_size must be >= 1, got {val_size}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.crop_padding = crop_padding
+        self.augment = augment
+        self.train_set: ArrayImageDataset | None = None
+        self.val_set: ArrayImageDataset | None = None
+        self.test_sets: dict[str, ArrayImageDataset] = {}
+
+    def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train_images, train_labels, test_images, test_labels = self.load()
+        if self.val_size >= len(train_images):
+            raise DataError(f"data.val_size {self.val_size} leaves no training images (of {len(train_images)})")
+        # The validation split is fixed by split_seed, not by the run's seed: every run of a study is
+        # validated on the same images.
+        order = np.random.default_rng(self.split_seed).permutation(len(train_images))
+        val_idx, train_idx = np.sort(order[: self.val_size]), np.sort(order[self.val_size :])
+        self.train_set = ArrayImageDataset(train_images[train_idx], train_labels[train_idx])
+        self.val_set = ArrayImageDataset(train_images[val_idx], train_labels[val_idx])
+        self.test_sets = {"clean": ArrayImageDataset(test_images, test_labels)}
+
+    @property
+    def test_split_names(self) -> list[str]:
+        """Names of the test dataloaders, in dataloader_idx order."""
+        return list(self.test_sets) or ["clean"]
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=keep_batch,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._loader(ds, self.eval_batch_size, shuffle=False) for ds in self.test_sets.values()]
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_sets["clean"], self.eval_batch_size, shuffle=False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 Nx3xHxW -> normalised float."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        return (images.float() / 255.0 - mean) / std
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        if self.augment and self.trainer is not None and self.trainer.training:
+            images = random_crop_flip(images, self.crop_padding, self.flip)
+        return self.normalize(images), labels

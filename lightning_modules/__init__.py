@@ -1,0 +1,6 @@
+"""LightningModules and the model builders they use."""
+
+from lightning_modules.classification import ClassificationModule
+from lightning_modules.models import MODELS, build_model
+
+__all__ = ["MODELS", "ClassificationModule", "build_model"]

@@ -1,0 +1,135 @@
+"""`ClassificationModule`: cross-entropy training of a named 32x32 model, with the paper's SGD recipe.
+
+Quantization is not configured here: `QuantizationCallback` swaps layers in `self.net` during `setup`, and this
+module re-applies the spec stored in a checkpoint (`on_load_checkpoint`), so `load_from_checkpoint` and
+`test --ckpt_path` rebuild the fake-quant layers before the weights load, with or without the callback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_modules.models import build_model
+from quantizers import CHECKPOINT_KEY, QuantSpec, parameter_groups, quantize_model
+
+
+class ClassificationModule(L.LightningModule):
+    """Image classifier with per-epoch train/val loss and accuracy, and per-split test metrics.
+
+    Args:
+        model: resnet20, resnet18, resnet50 or mobilenetv1 (32x32 variants).
+        num_classes: set from the DataModule by the CLI.
+        lr, momentum, weight_decay, gamma: SGD + MultiStepLR, the paper's recipe (section 4.1.1);
+            quantizer parameters get their own weight decay (see QuantSpec).
+        milestones: epochs at which the learning rate is multiplied by gamma, as fractions of
+            `trainer.max_epochs` (values >= 1 are absolute epochs). The default is the paper's 50/90/130/180
+            of 200 epochs, so a shorter schedule keeps the same shape.
+        compile: torch.compile the network (after the quantization swap): slower start, faster steps.
+    """
+
+    def __init__(
+        self,
+        model: str = "resnet20",
+        num_classes: int = 10,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        milestones: tuple[float, ...] = (0.25, 0.45, 0.65, 0.9),
+        gamma: float = 0.2,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = build_model(model, num_classes)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = nn.ModuleList()
+        self.test_loss = nn.ModuleList()
+        self.test_results: dict[str, dict[str, float]] = {}
+        self._compiled = False
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def configure_model(self) -> None:
+        # Runs after the callbacks' setup (the quantization swap) and before the optimizer exists.
+        if self.hparams.compile and not self._compiled:
+            self.net.compile()
+            self._compiled = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        spec = checkpoint.get(CHECKPOINT_KEY)
+        if spec is not None:
+            quantize_model(self.net, QuantSpec.from_dict(spec))
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        self.train_acc(logits, labels)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.val_acc(logits, labels)
+        self.log("val/loss", F.cross_entropy(logits, labels), on_epoch=True, prog_bar=True)
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+
+    def test_split_names(self) -> list[str]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = getattr(datamodule, "test_split_names", None)
+        if names:
+            return list(names)
+        return [f"dataloader{i}" for i in range(len(self.trainer.test_dataloaders))]
+
+    def on_test_epoch_start(self) -> None:
+        n = len(self.test_split_names())
+        num_classes = self.hparams.num_classes
+        self.test_acc = nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in range(n))
+        self.test_loss = nn.ModuleList(MeanMetric() for _ in range(n))
+        self.test_acc.to(self.device)
+        self.test_loss.to(self.device)
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.test_acc[dataloader_idx].update(logits, labels)
+        self.test_loss[dataloader_idx].update(F.cross_entropy(logits, labels, reduction="none"))
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = {}
+        for name, acc, loss in zip(self.test_split_names(), self.test_acc, self.test_loss, strict=True):
+            # Accuracy in percent, the unit of the paper's tables and of its Eq. 5.
+            self.test_results[name] = {"accuracy": 100.0 * acc.compute().item(), "loss": loss.compute().item()}
+            self.log(f"test/acc/{name}", self.test_results[name]["accuracy"], add_dataloader_idx=False)
+            self.log(f"test/loss/{name}", self.test_results[name]["loss"], add_dataloader_idx=False)
+            acc.reset()
+            loss.reset()
+
+    def milestone_epochs(self) -> list[int]:
+        max_epochs = self.trainer.max_epochs if self._trainer is not None else None
+        epochs = []
+        for m in self.hparams.milestones:
+            if m >= 1:
+                epochs.append(int(m))
+            elif max_epochs and max_epochs > 0:
+                epochs.append(round(m * max_epochs))
+        return sorted(set(epochs))
+
+    def configure_optimizers(self):
+        groups = parameter_groups(self.net, self.hparams.weight_decay)
+        optimizer = torch.optim.SGD(groups, lr=self.hparams.lr, momentum=self.hparams.momentum)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=self.milestone_epochs(), gamma=self.hparams.gamma
+        )
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}

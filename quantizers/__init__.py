@@ -1,0 +1,40 @@
+"""Fake-quantization for QAT studies: LSQ, PACT, DoReFa, the spec that picks them, and the module swap.
+
+Nothing here imports Lightning: the quantizers work in any PyTorch training loop.
+"""
+
+from quantizers.dorefa import DoReFaActQuantizer, DoReFaWeightQuantizer
+from quantizers.errors import QuantSpecError
+from quantizers.layers import QuantConv2d, QuantLinear
+from quantizers.lsq import LSQQuantizer
+from quantizers.pact import PACTQuantizer
+from quantizers.spec import CHECKPOINT_KEY, METHODS, QuantSpec
+from quantizers.swap import (
+    applied_spec,
+    parameter_groups,
+    plan_layers,
+    quantize_model,
+    quantized_layers,
+    quantizer_state,
+    weight_quantization_noise,
+)
+
+__all__ = [
+    "CHECKPOINT_KEY",
+    "METHODS",
+    "DoReFaActQuantizer",
+    "DoReFaWeightQuantizer",
+    "LSQQuantizer",
+    "PACTQuantizer",
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantSpec",
+    "QuantSpecError",
+    "applied_spec",
+    "parameter_groups",
+    "plan_layers",
+    "quantize_model",
+    "quantized_layers",
+    "quantizer_state",
+    "weight_quantization_noise",
+]

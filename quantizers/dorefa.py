@@ -1,0 +1,95 @@
+"""DoReFa-Net quantizers (Zhou et al., 2016).
+
+    quantize_k(r) = round((2^k - 1) * r) / (2^k - 1),  r in [0, 1], straight-through gradient
+    weights:      w_q = 2 * quantize_k(tanh(w) / (2 * max|tanh(w)|) + 1/2) - 1      (in [-1, 1])
+    activations:  a_q = quantize_k(clip(x, 0, 1))
+
+The weight grid has no zero (2 bits: {-1, -1/3, 1/3, 1}) and ignores the float scale of w, which is harmless
+before a BatchNorm but not in a classifier head; `rescale=True` multiplies the result by max|w| (no
+gradient) so such a layer keeps its float scale.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantizers.errors import QuantSpecError
+
+
+class _RoundSTE(torch.autograd.Function):
+    """round() forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out
+
+
+def quantize_k(r: torch.Tensor, bits: int) -> torch.Tensor:
+    levels = 2**bits - 1
+    return _RoundSTE.apply(r * levels) / levels
+
+
+def _check_bits(bits: int, name: str) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits < 1:
+        raise QuantSpecError(f"{name} needs an integer bit width >= 1, got {bits!r}")
+
+
+class DoReFaWeightQuantizer(nn.Module):
+    """k-bit DoReFa weights; the max is over the whole tensor, or per output channel if `per_channel`."""
+
+    def __init__(self, bits: int, per_channel: bool = False, rescale: bool = False) -> None:
+        super().__init__()
+        _check_bits(bits, "DoReFa weights")
+        if bits == 1:
+            raise QuantSpecError("1-bit DoReFa weights (sign with a mean scale) are not implemented; use >= 2")
+        self.bits = bits
+        self.per_channel = per_channel
+        self.rescale = rescale
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, per_channel={self.per_channel}, rescale={self.rescale}"
+
+    def _max(self, t: torch.Tensor) -> torch.Tensor:
+        if self.per_channel:
+            return t.abs().flatten(1).amax(1).view(-1, *([1] * (t.dim() - 1)))
+        return t.abs().max()
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        t = torch.tanh(w)
+        w_q = 2 * quantize_k(t / (2 * self._max(t)) + 0.5, self.bits) - 1
+        if self.rescale:
+            w_q = w_q * self._max(w).detach()
+        return w_q
+
+
+class _DoReFaActFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, levels):
+        ctx.save_for_backward(x)
+        return x.clamp(0, 1).mul_(levels).round_().div_(levels)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        return grad_out * ((x >= 0) & (x <= 1)), None
+
+
+class DoReFaActQuantizer(nn.Module):
+    """k-bit DoReFa activations on [0, 1]; gradient passes where 0 <= x <= 1 (clip's derivative)."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        _check_bits(bits, "DoReFa activations")
+        self.bits = bits
+        self.levels = 2**bits - 1
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _DoReFaActFunction.apply(x, self.levels)

@@ -1,0 +1,16 @@
+"""The error a user's quantization mistake raises: one line that names the fix."""
+
+
+class QuantSpecError(ValueError):
+    """An invalid quantization spec, or one that does not fit the model or the checkpoint."""
+
+
+def check_non_negative(values, quantizer, grid: str, fix: str) -> None:
+    """Refuse to clip negative inputs silently: the network has non-ReLU activations before this layer."""
+    low = float(values.min())
+    if low < 0:
+        layer = getattr(quantizer, "layer_name", "") or "a layer"
+        raise QuantSpecError(
+            f"{layer} receives negative inputs (min {low:.3g}) but its activation quantizer uses {grid}, "
+            f"which would clip them to 0; {fix}"
+        )

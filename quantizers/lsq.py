@@ -1,0 +1,137 @@
+"""LSQ: learned step size quantization (Esser et al., ICLR 2020).
+
+Forward `v_hat = round(clip(v / s, -Qn, Qp)) * s`; backward is the paper's straight-through estimator,
+written out explicitly in an autograd Function so the gradients read like the formulas in
+`reference/quantization.md` and cost a few fused passes instead of a chain of small eager ops:
+
+    d v_hat / d v = 1                      if -Qn < v/s < Qp, else 0
+    d v_hat / d s = round(v/s) - v/s       inside,  -Qn below,  Qp above
+    gradient of s scaled by g = 1 / sqrt(N * Qp)
+
+N is the number of elements one step size quantizes: the layer's weight count (or a channel's, per-channel)
+for weights, and the features of *one sample* for activations (the paper's intent; many implementations
+use the whole batch's numel, which makes the effective step learning rate depend on the batch size).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from quantizers.errors import QuantSpecError, check_non_negative
+
+# Smallest step the forward pass uses; the stored parameter may dip below it without losing its gradient.
+_MIN_STEP = 1e-8
+
+
+def lsq_grid(bits: int, signed: bool) -> tuple[int, int]:
+    """(Qn, Qp) of the full integer grid: signed [-2^(b-1), 2^(b-1)-1], unsigned [0, 2^b-1]."""
+    if signed:
+        return 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _broadcast_step(step: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel step of shape (C,) viewed to broadcast over dim 0 of a weight tensor."""
+    return step if step.dim() == 0 else step.view(-1, *([1] * (x.dim() - 1)))
+
+
+class _LSQFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, step, q_neg, q_pos, grad_scale):
+        s = _broadcast_step(step, x)
+        v = x / s
+        v_bar = v.clamp_(-q_neg, q_pos).round_()
+        ctx.save_for_backward(x, step)
+        ctx.grid = (q_neg, q_pos, grad_scale)
+        return v_bar.mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, step = ctx.saved_tensors
+        q_neg, q_pos, grad_scale = ctx.grid
+        s = _broadcast_step(step, x)
+        v = x / s
+        below = v <= -q_neg
+        above = v >= q_pos
+        inside = ~(below | above)
+        grad_x = grad_out * inside
+        # round(v) - v inside; the clipped level (-Qn or Qp) outside.
+        d_step = torch.where(inside, v.round() - v, v.clamp(-q_neg, q_pos))
+        d_step = grad_out * d_step
+        if step.dim() == 0:
+            grad_step = d_step.sum()
+        else:
+            grad_step = d_step.flatten(1).sum(1)
+        return grad_x, grad_step * grad_scale, None, None, None
+
+
+class LSQQuantizer(nn.Module):
+    """Fake-quantizes a tensor onto an LSQ grid with a learned step size.
+
+    Weights are initialised at creation (`initialize_from`), activations on the first forward pass in
+    training mode, so Lightning's sanity-check validation (eval mode) never sets a data-dependent step.
+    Until then an activation quantizer passes its input through unchanged. Under DDP the initial step is
+    averaged over ranks so every replica starts from the same value.
+    """
+
+    def __init__(
+        self, bits: int, signed: bool, num_channels: int | None = None, activation: bool = False
+    ) -> None:
+        super().__init__()
+        if not isinstance(bits, int) or isinstance(bits, bool) or bits < 2:
+            raise QuantSpecError(f"LSQ needs an integer bit width >= 2, got {bits!r}")
+        self.bits = bits
+        self.signed = signed
+        self.q_neg, self.q_pos = lsq_grid(bits, signed)
+        self.activation = activation
+        shape = () if num_channels is None else (num_channels,)
+        self.step = nn.Parameter(torch.ones(shape))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._initialized = False  # host-side mirror of the buffer: no device sync per forward
+
+    def extra_repr(self) -> str:
+        grid = f"[{-self.q_neg}, {self.q_pos}]"
+        per = f", channels={self.step.numel()}" if self.step.dim() else ""
+        role = "activation" if self.activation else "weight"
+        return f"{role}, bits={self.bits}, signed={self.signed}, grid={grid}{per}"
+
+    @torch.no_grad()
+    def initialize_from(self, values: torch.Tensor) -> None:
+        """Set the step to LSQ's `2 * mean|v| / sqrt(Qp)` (per channel when the step is per channel)."""
+        if self.activation and not self.signed:
+            check_non_negative(values, self, "an unsigned LSQ grid", "set quantization.act_signed: true")
+        if self.step.dim() == 0:
+            mean_abs = values.abs().mean()
+        else:
+            mean_abs = values.abs().flatten(1).mean(1)
+        step = 2 * mean_abs / math.sqrt(self.q_pos)
+        # Activation steps are set after DDP has broadcast the parameters, so the replicas must agree here;
+        # weight steps are set before the wrap and then broadcast from rank 0 like any parameter.
+        if self.activation and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(step)
+            step /= dist.get_world_size()
+        self.step.copy_(step.clamp_min(_MIN_STEP))
+        self.initialized.fill_(True)
+        self._initialized = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initialized = bool(self.initialized)
+
+    def grad_scale(self, x: torch.Tensor) -> float:
+        """g = 1 / sqrt(N * Qp); N per step: one sample's features, the layer's or one channel's weights."""
+        per_step = x[0].numel() if (self.activation or self.step.dim()) else x.numel()
+        return 1.0 / math.sqrt(per_step * self.q_pos)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._initialized:
+            if not self.training:
+                return x
+            self.initialize_from(x)
+        # Keep the step positive in the forward pass while letting its gradient through unchanged.
+        step = self.step + (self.step.clamp_min(_MIN_STEP) - self.step).detach()
+        return _LSQFunction.apply(x, step, self.q_neg, self.q_pos, self.grad_scale(x))

@@ -1,0 +1,57 @@
+"""PACT: parameterized clipping activation (Choi et al., 2018), for non-negative (post-ReLU) inputs.
+
+    y   = clip(x, 0, alpha)
+    y_q = round(y * (2^k - 1) / alpha) * alpha / (2^k - 1)
+    d y_q / d x     = 1 on [0, alpha), else 0
+    d y_q / d alpha = 1 where x >= alpha, else 0
+
+alpha is learned, one per layer, and carries PACT's own L2 penalty; the module swap puts it in an optimizer
+group of its own (`pact_alpha_decay`) so that penalty stays separate from the network's weight decay.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantizers.errors import QuantSpecError, check_non_negative
+
+
+class _PACTFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, alpha, levels):
+        scale = levels / alpha
+        ctx.save_for_backward(x, alpha)
+        return torch.minimum(x.clamp(min=0), alpha).mul_(scale).round_().div_(scale)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, alpha = ctx.saved_tensors
+        clipped = x >= alpha
+        grad_x = grad_out * ((x >= 0) & ~clipped)
+        grad_alpha = (grad_out * clipped).sum()
+        return grad_x, grad_alpha, None
+
+
+class PACTQuantizer(nn.Module):
+    """Unsigned k-bit activation quantizer with a learned clipping level alpha."""
+
+    def __init__(self, bits: int, alpha: float = 10.0) -> None:
+        super().__init__()
+        if not isinstance(bits, int) or isinstance(bits, bool) or bits < 1:
+            raise QuantSpecError(f"PACT needs an integer bit width >= 1, got {bits!r}")
+        if not alpha > 0:
+            raise QuantSpecError(f"PACT's initial alpha must be positive, got {alpha!r}")
+        self.bits = bits
+        self.levels = 2**bits - 1
+        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+        self._inputs_checked = False
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not self._inputs_checked:
+            check_non_negative(x, self, "PACT (clip at 0)", "use method lsq with act_signed, or dorefa")
+            self._inputs_checked = True
+        return _PACTFunction.apply(x, self.alpha, self.levels)

@@ -1,0 +1,173 @@
+"""Apply a `QuantSpec` to any `nn.Module` by swapping Conv2d/Linear layers for quantized ones.
+
+The swap is idempotent (the spec it applied is recorded on the model, and applying the same spec again is a
+no-op), keeps the float Parameters, and creates every quantizer parameter with its final shape, so
+`quantize_model(fresh_model, spec).load_state_dict(trained_state)` restores a trained quantized model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantizers.dorefa import DoReFaWeightQuantizer
+from quantizers.errors import QuantSpecError
+from quantizers.layers import QUANTIZED_LAYERS, QuantConv2d, QuantLinear
+from quantizers.lsq import LSQQuantizer
+from quantizers.pact import PACTQuantizer
+from quantizers.spec import QuantSpec
+
+_SPEC_ATTRIBUTE = "_qreg_quant_spec"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What the swap does to one layer: weight and input bits (None = left in float)."""
+
+    name: str
+    weight_bits: int | None
+    act_bits: int | None
+    is_last: bool
+
+
+def applied_spec(model: nn.Module) -> QuantSpec:
+    """The spec a model was quantized with (an FP32 spec for a model never quantized)."""
+    return getattr(model, _SPEC_ATTRIBUTE, None) or QuantSpec()
+
+
+def _matches(name: str, patterns) -> str | None:
+    return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+
+
+def plan_layers(model: nn.Module, spec: QuantSpec) -> list[LayerPlan]:
+    """Decide the bits of every Conv2d/Linear; raise if a pattern in the spec matches no layer."""
+    candidates = [
+        name for name, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear) and name
+    ]
+    for field_name, patterns in (("exclude", spec.exclude), ("layer_bits", spec.layer_bits)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in candidates):
+                example = candidates[0] if candidates else "none"
+                raise QuantSpecError(
+                    f"quantization.{field_name} pattern {pattern!r} matches no Conv2d/Linear layer "
+                    f"(layers are named like {example!r})"
+                )
+    names = [n for n in candidates if _matches(n, spec.exclude) is None]
+    if not names:
+        raise QuantSpecError("the model has no Conv2d or Linear layer to quantize")
+    first, last = names[0], names[-1]
+    plans = []
+    for name in names:
+        override = _matches(name, spec.layer_bits)
+        if override is not None:
+            weight_bits = act_bits = spec.layer_bits[override]
+        elif name == first:
+            # The first layer reads the image, which is already 8-bit data: only its weights are quantized.
+            weight_bits, act_bits = spec.first_layer_bits, None
+        elif name == last:
+            weight_bits = act_bits = spec.last_layer_bits
+        else:
+            weight_bits, act_bits = spec.weight_bits, spec.effective_act_bits
+        if not spec.quantizes_activations:
+            act_bits = None
+        plans.append(LayerPlan(name, weight_bits, act_bits, is_last=name == last))
+    return plans
+
+
+def _weight_quantizer(layer: nn.Module, plan: LayerPlan, spec: QuantSpec) -> nn.Module | None:
+    if plan.weight_bits is None:
+        return None
+    if spec.method == "lsq":
+        channels = layer.weight.shape[0] if spec.per_channel else None
+        quantizer = LSQQuantizer(plan.weight_bits, signed=True, num_channels=channels)
+        quantizer.to(layer.weight.device)
+        quantizer.initialize_from(layer.weight.detach())
+        return quantizer
+    # DoReFa weights lie in [-1, 1]: the last layer has no BatchNorm after it to absorb that, so it keeps
+    # its float scale (see DoReFaWeightQuantizer.rescale).
+    return DoReFaWeightQuantizer(plan.weight_bits, per_channel=spec.per_channel, rescale=plan.is_last)
+
+
+def _input_quantizer(plan: LayerPlan, spec: QuantSpec, device: torch.device) -> nn.Module | None:
+    if plan.act_bits is None:
+        return None
+    if spec.method == "lsq":
+        quantizer = LSQQuantizer(plan.act_bits, signed=spec.act_signed, activation=True)
+    else:
+        quantizer = PACTQuantizer(plan.act_bits, alpha=spec.pact_alpha)
+    quantizer.layer_name = plan.name
+    return quantizer.to(device)
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
+    """Swap the model's Conv2d/Linear layers for fake-quantized ones, in place; returns the model."""
+    current = getattr(model, _SPEC_ATTRIBUTE, None)
+    if current is not None:
+        if current == spec:
+            return model
+        raise QuantSpecError(
+            f"the model is already quantized as {current.describe()} and cannot be re-quantized as "
+            f"{spec.describe()} (a checkpoint's quantization must match the config's)"
+        )
+    if not spec.quantized:
+        return model
+    for plan in plan_layers(model, spec):
+        parent_name, _, child_name = plan.name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = getattr(parent, child_name)
+        weight_quantizer = _weight_quantizer(layer, plan, spec)
+        input_quantizer = _input_quantizer(plan, spec, layer.weight.device)
+        if weight_quantizer is None and input_quantizer is None:
+            continue
+        cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
+        setattr(parent, child_name, cls.from_float(layer, weight_quantizer, input_quantizer))
+    setattr(model, _SPEC_ATTRIBUTE, spec)
+    return model
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)}
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer groups: network parameters, LSQ steps and PACT alphas, each with its own weight decay.
+
+    Quantizer parameters must exist before the optimizer is built, or they never train.
+    """
+    spec = applied_spec(model)
+    steps = [m.step for m in model.modules() if isinstance(m, LSQQuantizer)]
+    alphas = [m.alpha for m in model.modules() if isinstance(m, PACTQuantizer)]
+    special = {id(p) for p in steps + alphas}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in special], "weight_decay": weight_decay}]
+    if steps:
+        groups.append({"params": steps, "weight_decay": spec.quantizer_weight_decay, "name": "lsq_steps"})
+    if alphas:
+        groups.append({"params": alphas, "weight_decay": spec.pact_alpha_decay, "name": "pact_alphas"})
+    return groups
+
+
+@torch.no_grad()
+def quantizer_state(model: nn.Module) -> dict[str, float]:
+    """Learned quantizer parameters by name: LSQ steps (mean over channels) and PACT alphas."""
+    state = {}
+    for name, layer in quantized_layers(model).items():
+        for role in ("weight_quantizer", "input_quantizer"):
+            quantizer = getattr(layer, role)
+            if isinstance(quantizer, LSQQuantizer):
+                state[f"{name}.{role}.step"] = quantizer.step.mean().item()
+            elif isinstance(quantizer, PACTQuantizer):
+                state[f"{name}.{role}.alpha"] = quantizer.alpha.item()
+    return state
+
+
+@torch.no_grad()
+def weight_quantization_noise(model: nn.Module) -> dict[str, float]:
+    """Per layer, the mean squared weight quantization noise mean((Q(w) - w)^2)."""
+    noise = {}
+    for name, layer in quantized_layers(model).items():
+        if layer.weight_quantizer is not None:
+            noise[name] = (layer.weight_quantizer(layer.weight) - layer.weight).pow(2).mean().item()
+    return noise

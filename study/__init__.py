@@ -1,0 +1,1 @@
+"""Studies: the results store (and, later, the grid runner and the report)."""

@@ -1,0 +1,119 @@
+"""The results store: a JSON-lines file of evaluation rows that every report is derived from.
+
+Appends are atomic and safe for concurrent writers (job-array tasks sharing a study directory): under an
+exclusive lock the file is copied with the new rows to a temporary file, fsynced and renamed over the
+original, so a crash leaves either the old file or the new one, never a partial line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+FIELDS = (
+    "run", "study", "model", "dataset", "method", "weight_bits", "act_bits", "seed",
+    "split", "corruption", "severity", "metric", "value",
+)
+
+
+class ResultsStoreError(ValueError):
+    """A results file that cannot be read, or a row that does not fit the schema."""
+
+
+def check_row(row: dict[str, Any]) -> dict[str, Any]:
+    missing = [f for f in FIELDS if f not in row]
+    extra = [f for f in row if f not in FIELDS]
+    if missing or extra:
+        raise ResultsStoreError(f"results row fields differ from the schema: missing {missing}, extra {extra}")
+    value = row["value"]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ResultsStoreError(f"results row value must be a number, got {value!r}")
+    return {f: row[f] for f in FIELDS}
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock on `<path>.lock` (POSIX flock), held for a read-modify-write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write bytes to `path` via a temporary file in the same folder, fsync, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _encode(row: dict[str, Any]) -> str:
+    value = row["value"]
+    if isinstance(value, float) and not math.isfinite(value):
+        # JSON has no NaN/inf; keep the information as a string the reader turns back into a float.
+        row = {**row, "value": repr(value)}
+    return json.dumps(row, sort_keys=False)
+
+
+def append_rows(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> int:
+    """Append rows (checked against the schema) atomically; returns how many were written."""
+    path = Path(path)
+    lines = "".join(_encode(check_row(r)) + "\n" for r in rows)
+    if not lines:
+        return 0
+    with locked(path):
+        existing = path.read_bytes() if path.exists() else b""
+        if existing and not existing.endswith(b"\n"):
+            raise ResultsStoreError(f"{path} ends with a partial line; it was not written by qreg, fix it by hand")
+        write_atomically(path, existing + lines.encode())
+    return lines.count("\n")
+
+
+def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All rows of a results file; a malformed line is an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResultsStoreError(f"no results file at {path}")
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ResultsStoreError("not a JSON object")
+                if row.get("value") in ("nan", "inf", "-inf"):
+                    row["value"] = float(row["value"])
+                row = check_row(row)
+            except (json.JSONDecodeError, ResultsStoreError) as error:
+                raise ResultsStoreError(
+                    f"{path}:{number} is not a valid results row ({error}); fix or delete that line"
+                ) from None
+            rows.append(row)
+    return rows
