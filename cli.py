@@ -10,6 +10,7 @@ bits out of range, missing dataset) ends in one line on stderr and exit status 2
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import sys
@@ -27,6 +28,11 @@ from datamodules.errors import DataError
 from lightning_modules.models import UnknownModelError
 from quantizers import QuantSpecError
 from study.store import ResultsStoreError
+
+# Lightning's own use of deprecated jsonargparse calls is not the user's concern, nor is W&B's chatter
+# (set WANDB_SILENT=false to see it); qreg prints where an offline run went.
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+os.environ.setdefault("WANDB_SILENT", "true")
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     QuantSpecError, DataError, UnknownModelError, ResultsStoreError, FileNotFoundError,
@@ -57,12 +63,14 @@ def _default_run_dir(config: Any, subcommand: str) -> str:
 
 def _build_parser_classes():
     # Deferred so that `python cli.py --help` style errors stay fast and lightning imports once.
+    from lightning.pytorch.callbacks import RichProgressBar
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     class RunConfigSaver(SaveConfigCallback):
         """Saves `config.yaml` for fit and `config-<stage>.yaml` for evaluations in the same run folder."""
 
         def setup(self, trainer, pl_module, stage: str) -> None:
+            stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn enum
             if stage != "fit":
                 self.config_filename = f"config-{stage}.yaml"
             self.overwrite = stage != "fit" or trainer.ckpt_path is not None
@@ -82,6 +90,10 @@ def _build_parser_classes():
             config = self.config[self.subcommand]
             if not config.trainer.get("default_root_dir"):
                 config.trainer.default_root_dir = _default_run_dir(config, self.subcommand)
+            if config.trainer.get("enable_progress_bar") is False:
+                self.trainer_defaults["callbacks"] = [
+                    c for c in self.trainer_defaults["callbacks"] if not isinstance(c, RichProgressBar)
+                ]
 
         def after_fit(self) -> None:
             if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:
@@ -108,7 +120,7 @@ def _build_parser_classes():
             options: dict[str, Any] = {}
             if "WANDB_MODE" not in os.environ:
                 options["offline"] = not wandb_is_online()
-            return WandbLogger(
+            logger = WandbLogger(
                 project=os.environ.get("WANDB_PROJECT", "qreg"),
                 name=run_name if self.subcommand == "fit" else f"{run_name}-{self.subcommand}",
                 id=run_id,
@@ -119,6 +131,9 @@ def _build_parser_classes():
                 tags=[spec.method, spec.describe().replace(" ", "-"), f"seed{seed}"],
                 **options,
             )
+            # Lightning always passes wandb's deprecated `anonymous` setting, which makes wandb print a warning.
+            logger._wandb_init.pop("anonymous", None)
+            return logger
 
     return QregCLI, RunConfigSaver
 
@@ -147,19 +162,47 @@ def run_lightning(args: list[str] | None) -> None:
     )
 
 
+_LITERAL_ERROR = re.compile(r'Parser key "([^"]+)": Expected a typing\.Literal\[(.+?)\]\. Got value: (\S+)')
+
+
 def _one_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return re.sub(r"\s+", " ", text)
+    text = re.sub(r"\s+", " ", str(error).strip() or type(error).__name__)
+    # jsonargparse explains a bad choice inside a long union report; keep only the part a user needs.
+    choice = _LITERAL_ERROR.search(text)
+    if choice:
+        key, choices, value = choice.groups()
+        return f"{key}: {value!r} is not a valid choice; choose one of: {choices.replace(chr(39), '')}"
+    return text
+
+
+def user_error(error: BaseException) -> BaseException | None:
+    """The user's mistake behind an exception, if any: jsonargparse and Lightning wrap the original one."""
+    from jsonargparse import ArgumentError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, USER_ERRORS):
+            return error
+        if isinstance(error, ArgumentError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jsonargparse import ArgumentError
-
+    # A user's mistake is one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     try:
         run_lightning(argv)
-    except (ArgumentError, *USER_ERRORS) as error:
-        print(f"qreg: error: {_one_line(error)}", file=sys.stderr)
+    except Exception as error:
+        mistake = user_error(error)
+        if mistake is None:
+            raise
+        print(f"qreg: error: {_one_line(mistake)}", file=sys.stderr)
         return 2
+    except SystemExit as done:  # --help and --print_config end this way
+        return done.code if isinstance(done.code, int) else int(done.code is not None)
     return 0
 
 

@@ -26,6 +26,7 @@ from quantizers import (
     weight_quantization_noise,
 )
 
+
 def _network(pl_module: L.LightningModule) -> nn.Module:
     net = getattr(pl_module, "net", None)
     if not isinstance(net, nn.Module):

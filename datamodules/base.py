@@ -82,6 +82,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
     flip: bool = True
+    # Size of the full training set, when fixed, so a bad val_size fails before any Trainer is built.
+    train_size: int | None = None
 
     def __init__(
         self,
@@ -98,6 +100,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
             raise DataError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
         if val_size < 1:
             raise DataError(f"data.val_size must be >= 1, got {val_size}")
+        if self.train_size is not None and val_size >= self.train_size:
+            raise DataError(f"data.val_size {val_size} leaves no training images (of {self.train_size})")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers

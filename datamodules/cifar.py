@@ -85,6 +85,7 @@ def _save_quietly(path: Path, array: np.ndarray) -> None:
 
 
 class _CIFARDataModule(ImageClassificationDataModule):
+    train_size = 50_000
     torchvision_folder: str = ""
     download_size: str = ""
 
@@ -103,6 +104,19 @@ class _CIFARDataModule(ImageClassificationDataModule):
         super().__init__(batch_size, eval_batch_size, num_workers, val_size, split_seed, crop_padding, augment)
         self.root = Path(root).expanduser()
         self.download = download
+        if not download:
+            self._layout()  # fail at construction, before a Trainer is built, when the data is missing
+
+    def _layout(self) -> str:
+        if (self.root / self.torchvision_folder).is_dir():
+            return "torchvision"
+        if (self.root / "train").is_dir() and (self.root / "test").is_dir():
+            return "image_folder"
+        raise DataError(
+            f"{self.name} not found under '{self.root}': expected torchvision's '{self.torchvision_folder}/' "
+            f"or ImageFolder 'train/<class>/' and 'test/<class>/' folders; set data.init_args.root to it, "
+            f"or data.init_args.download: true to fetch it ({self.download_size})"
+        )
 
     def prepare_data(self) -> None:
         if self.download and not (self.root / self.torchvision_folder).exists():
@@ -116,20 +130,14 @@ class _CIFARDataModule(ImageClassificationDataModule):
         raise NotImplementedError
 
     def load(self):
-        if (self.root / self.torchvision_folder).is_dir():
+        if self._layout() == "torchvision":
             train, test = self._torchvision_dataset(True), self._torchvision_dataset(False)
             return (train.data, np.asarray(train.targets, dtype=np.int64),
                     test.data, np.asarray(test.targets, dtype=np.int64))
-        if (self.root / "train").is_dir() and (self.root / "test").is_dir():
-            class_names = self._class_names(self.root / "train")
-            train_images, train_labels = load_image_folder(self.root / "train", class_names)
-            test_images, test_labels = load_image_folder(self.root / "test", class_names)
-            return train_images, train_labels, test_images, test_labels
-        raise DataError(
-            f"{self.name} not found under '{self.root}': expected torchvision's '{self.torchvision_folder}/' "
-            f"or ImageFolder 'train/<class>/' and 'test/<class>/' folders; set data.init_args.root to it, "
-            f"or data.init_args.download: true to fetch it ({self.download_size})"
-        )
+        class_names = self._class_names(self.root / "train")
+        train_images, train_labels = load_image_folder(self.root / "train", class_names)
+        test_images, test_labels = load_image_folder(self.root / "test", class_names)
+        return train_images, train_labels, test_images, test_labels
 
 
 class CIFAR10DataModule(_CIFARDataModule):

@@ -33,6 +33,7 @@ class DigitsDataModule(ImageClassificationDataModule):
     num_classes = 10
     class_names = tuple(str(i) for i in range(10))
     flip = False
+    train_size = 1797 - _TEST_SIZE
     # Statistics of the 32x32 images over the whole set (grey, so one value for all three channels).
     mean = (0.3052,) * 3
     std = (0.3236,) * 3

@@ -6,8 +6,14 @@ class QuantSpecError(ValueError):
 
 
 def check_non_negative(values, quantizer, grid: str, fix: str) -> None:
-    """Refuse to clip negative inputs silently: the network has non-ReLU activations before this layer."""
-    low = float(values.min())
+    """Refuse to clip negative inputs silently where the module swap expected post-ReLU inputs.
+
+    Standalone quantizers clip by definition; a swapped layer sets `expect_non_negative` so that a network
+    with non-ReLU activations (SiLU, GELU) fails on its first batch instead of training a different model.
+    """
+    if not getattr(quantizer, "expect_non_negative", False):
+        return
+    low = float(values.detach().min())
     if low < 0:
         layer = getattr(quantizer, "layer_name", "") or "a layer"
         raise QuantSpecError(

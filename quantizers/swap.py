@@ -99,6 +99,7 @@ def _input_quantizer(plan: LayerPlan, spec: QuantSpec, device: torch.device) -> 
     else:
         quantizer = PACTQuantizer(plan.act_bits, alpha=spec.pact_alpha)
     quantizer.layer_name = plan.name
+    quantizer.expect_non_negative = not spec.act_signed
     return quantizer.to(device)
 
 
