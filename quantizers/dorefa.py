@@ -71,7 +71,9 @@ class _DoReFaActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, levels):
         ctx.save_for_backward(x)
-        return x.clamp(0, 1).mul_(levels).round_().div_(levels)
+        zero_point = torch.zeros((), dtype=torch.int32, device=x.device)
+        scale = torch.tensor(1.0 / levels, device=x.device)
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, levels)
 
     @staticmethod
     def backward(ctx, grad_out):

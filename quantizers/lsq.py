@@ -40,33 +40,53 @@ def _broadcast_step(step: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class _LSQFunction(torch.autograd.Function):
+    """Per-tensor LSQ: one fused fake-quant kernel forward, six passes backward, nothing extra saved.
+
+    With out = round(clip(x/s, -Qn, Qp)) * s, the step gradient summed over elements is
+        sum(g * (round(v) - v) inside, -Qn below, Qp above) = (sum(g * out) - sum(g * x * inside)) / s,
+    since outside the range round(clip(v)) is the clipped level. Both factors (x, the ReLU's output, and out,
+    the next conv's input) are kept alive by the network anyway, so saving them costs no memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x, step, q_neg, q_pos, grad_scale):
+        zero_point = torch.zeros((), dtype=torch.int32, device=x.device)
+        out = torch.fake_quantize_per_tensor_affine(x, step, zero_point, -q_neg, q_pos)
+        ctx.save_for_backward(x, out, step)
+        ctx.grid = (q_neg, q_pos, grad_scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, out, step = ctx.saved_tensors
+        q_neg, q_pos, grad_scale = ctx.grid
+        inside = (x > -q_neg * step) & (x < q_pos * step)
+        grad_x = grad_out * inside
+        grad_out, out, x = grad_out.reshape(-1), out.reshape(-1), x.reshape(-1)
+        grad_step = (torch.dot(grad_out, out) - torch.dot(grad_x.reshape(-1), x)) / step
+        return grad_x, grad_step * grad_scale, None, None, None
+
+
+class _LSQPerChannelFunction(torch.autograd.Function):
+    """Per-channel LSQ for weights (small tensors): the formulas written out directly."""
+
     @staticmethod
     def forward(ctx, x, step, q_neg, q_pos, grad_scale):
         s = _broadcast_step(step, x)
-        v = x / s
-        v_bar = v.clamp_(-q_neg, q_pos).round_()
         ctx.save_for_backward(x, step)
         ctx.grid = (q_neg, q_pos, grad_scale)
-        return v_bar.mul_(s)
+        return (x / s).clamp_(-q_neg, q_pos).round_().mul_(s)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, step = ctx.saved_tensors
         q_neg, q_pos, grad_scale = ctx.grid
-        s = _broadcast_step(step, x)
-        v = x / s
-        below = v <= -q_neg
-        above = v >= q_pos
-        inside = ~(below | above)
-        grad_x = grad_out * inside
+        v = x / _broadcast_step(step, x)
+        inside = (v > -q_neg) & (v < q_pos)
         # round(v) - v inside; the clipped level (-Qn or Qp) outside.
         d_step = torch.where(inside, v.round() - v, v.clamp(-q_neg, q_pos))
-        d_step = grad_out * d_step
-        if step.dim() == 0:
-            grad_step = d_step.sum()
-        else:
-            grad_step = d_step.flatten(1).sum(1)
-        return grad_x, grad_step * grad_scale, None, None, None
+        grad_step = (grad_out * d_step).flatten(1).sum(1)
+        return grad_out * inside, grad_step * grad_scale, None, None, None
 
 
 class LSQQuantizer(nn.Module):
@@ -134,4 +154,5 @@ class LSQQuantizer(nn.Module):
             self.initialize_from(x)
         # Keep the step positive in the forward pass while letting its gradient through unchanged.
         step = self.step + (self.step.clamp_min(_MIN_STEP) - self.step).detach()
-        return _LSQFunction.apply(x, step, self.q_neg, self.q_pos, self.grad_scale(x))
+        function = _LSQFunction if step.dim() == 0 else _LSQPerChannelFunction
+        return function.apply(x, step, self.q_neg, self.q_pos, self.grad_scale(x))

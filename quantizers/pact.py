@@ -18,18 +18,20 @@ from quantizers.errors import QuantSpecError, check_non_negative
 
 
 class _PACTFunction(torch.autograd.Function):
+    """Forward is one fused fake-quant kernel: clip to [0, alpha] and round on the grid alpha / (2^k - 1)."""
+
     @staticmethod
     def forward(ctx, x, alpha, levels):
-        scale = levels / alpha
+        zero_point = torch.zeros((), dtype=torch.int32, device=x.device)
         ctx.save_for_backward(x, alpha)
-        return torch.minimum(x.clamp(min=0), alpha).mul_(scale).round_().div_(scale)
+        return torch.fake_quantize_per_tensor_affine(x, alpha.detach() / levels, zero_point, 0, levels)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, alpha = ctx.saved_tensors
         clipped = x >= alpha
         grad_x = grad_out * ((x >= 0) & ~clipped)
-        grad_alpha = (grad_out * clipped).sum()
+        grad_alpha = torch.where(clipped, grad_out, 0).sum()
         return grad_x, grad_alpha, None
 
 

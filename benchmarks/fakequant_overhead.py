@@ -1,0 +1,116 @@
+"""Training-step cost of fake quantization, measured side by side in one run.
+
+    python benchmarks/fakequant_overhead.py                 # ResNet20, batch 128, eager and compiled
+    python benchmarks/fakequant_overhead.py --modes eager --rounds 5
+
+For each method (fp32, lsq W4A4, pact_dorefa W4A4, dorefa W4) and mode (eager, torch.compile), the time of
+one SGD step (forward, cross-entropy, backward, optimizer step) on random 32x32 inputs. The configurations
+are interleaved round by round so drift in the machine's speed hits all of them alike; each figure is the
+median over rounds. Ratios are against FP32 in the same mode. Targets (issue 2): eager <= 1.4x,
+compiled <= 1.15x of compiled FP32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_modules.models import build_model  # noqa: E402
+from quantizers import QuantSpec, parameter_groups, quantize_model  # noqa: E402
+
+METHODS = {
+    "fp32": QuantSpec(),
+    "lsq W4A4": QuantSpec(method="lsq", weight_bits=4),
+    "pact_dorefa W4A4": QuantSpec(method="pact_dorefa", weight_bits=4),
+    "dorefa W4": QuantSpec(method="dorefa", weight_bits=4),
+}
+TARGETS = {"eager": 1.4, "compiled": 1.15}
+
+
+class Trainee:
+    """One model + optimizer that can take a timed training step."""
+
+    def __init__(self, model_name: str, spec: QuantSpec, compiled: bool, batch: tuple, device: str) -> None:
+        torch.manual_seed(0)
+        self.model = quantize_model(build_model(model_name, 10), spec).to(device).train()
+        self.optimizer = torch.optim.SGD(parameter_groups(self.model, 1e-4), lr=0.01, momentum=0.9)
+        self.images, self.labels = batch
+        self.device = device
+        if compiled:
+            self.model.compile()
+        # First step: LSQ activation init (eager) and, when compiled, the compilation itself.
+        start = time.perf_counter()
+        self.step()
+        self.step()
+        self.warmup_seconds = time.perf_counter() - start
+
+    def step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(self.images), self.labels)
+        loss.backward()
+        self.optimizer.step()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def time_steps(self, steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
+    parser.add_argument("--steps", type=int, default=3, help="steps per configuration per round")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch_size, 3, 32, 32, generator=generator).to(args.device)
+    labels = torch.randint(0, 10, (args.batch_size,), generator=generator).to(args.device)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{args.model}, batch {args.batch_size}, {where}, torch {torch.__version__}")
+
+    trainees = {}
+    for mode in args.modes:
+        for name, spec in METHODS.items():
+            trainees[(mode, name)] = Trainee(args.model, spec, mode == "compiled", (images, labels), args.device)
+            print(f"  ready: {mode:8s} {name:17s} warm-up {trainees[(mode, name)].warmup_seconds:6.1f} s")
+
+    samples: dict[tuple[str, str], list[float]] = {key: [] for key in trainees}
+    for _ in range(args.rounds):
+        for key, trainee in trainees.items():
+            samples[key].append(trainee.time_steps(args.steps))
+
+    print(f"\n{'method':18s}" + "".join(f"{m + ' ms/step':>18s}{'x fp32':>9s}" for m in args.modes))
+    medians = {key: statistics.median(v) for key, v in samples.items()}
+    for name in METHODS:
+        line = f"{name:18s}"
+        for mode in args.modes:
+            ms = 1000 * medians[(mode, name)]
+            ratio = medians[(mode, name)] / medians[(mode, "fp32")]
+            line += f"{ms:18.1f}{ratio:9.2f}"
+        print(line)
+    if "compiled" in args.modes and "eager" in args.modes:
+        speedup = medians[("eager", "fp32")] / medians[("compiled", "fp32")]
+        print(f"\ncompiled FP32 is {speedup:.2f}x faster than eager FP32")
+    for mode in args.modes:
+        worst = max(medians[(mode, n)] / medians[(mode, "fp32")] for n in METHODS)
+        verdict = "meets" if worst <= TARGETS[mode] else "misses"
+        print(f"{mode}: worst ratio {worst:.2f} {verdict} the target {TARGETS[mode]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
