@@ -15,23 +15,12 @@ import torch
 from torch import nn
 
 from quantizers.errors import QuantSpecError
-
-
-class _RoundSTE(torch.autograd.Function):
-    """round() forward, identity backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return grad_out
+from quantizers.straight_through import RoundSTE, pass_between
 
 
 def quantize_k(r: torch.Tensor, bits: int) -> torch.Tensor:
     levels = 2**bits - 1
-    return _RoundSTE.apply(r * levels) / levels
+    return RoundSTE.apply(r * levels) / levels
 
 
 def _check_bits(bits: int, name: str) -> None:
@@ -71,14 +60,12 @@ class _DoReFaActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, levels):
         ctx.save_for_backward(x)
-        zero_point = torch.zeros((), dtype=torch.int32, device=x.device)
-        scale = torch.tensor(1.0 / levels, device=x.device)
-        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, levels)
+        return x.clamp(0, 1).mul_(levels).round_().div_(levels)
 
     @staticmethod
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
-        return grad_out * ((x >= 0) & (x <= 1)), None
+        return pass_between(grad_out, x, 0.0, 1.0, include_low=True, include_high=True), None
 
 
 class DoReFaActQuantizer(nn.Module):

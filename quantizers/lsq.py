@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from quantizers.errors import QuantSpecError, check_non_negative
+from quantizers.straight_through import pass_between
 
 # Smallest step the forward pass uses; the stored parameter may dip below it without losing its gradient.
 _MIN_STEP = 1e-8
@@ -40,18 +41,17 @@ def _broadcast_step(step: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class _LSQFunction(torch.autograd.Function):
-    """Per-tensor LSQ: one fused fake-quant kernel forward, six passes backward, nothing extra saved.
+    """Per-tensor LSQ in few passes, saving nothing the network does not keep alive anyway.
 
     With out = round(clip(x/s, -Qn, Qp)) * s, the step gradient summed over elements is
-        sum(g * (round(v) - v) inside, -Qn below, Qp above) = (sum(g * out) - sum(g * x * inside)) / s,
-    since outside the range round(clip(v)) is the clipped level. Both factors (x, the ReLU's output, and out,
-    the next conv's input) are kept alive by the network anyway, so saving them costs no memory.
+        sum(g * (round(v) - v) inside, -Qn below, Qp above) = (sum_inside g * (out - x) + sum_outside g * out) / s,
+    since outside the range round(clip(v)) is the clipped level. x (the previous ReLU's output) and out (the
+    next conv's input) are saved by those ops too, so saving them here costs no memory.
     """
 
     @staticmethod
     def forward(ctx, x, step, q_neg, q_pos, grad_scale):
-        zero_point = torch.zeros((), dtype=torch.int32, device=x.device)
-        out = torch.fake_quantize_per_tensor_affine(x, step, zero_point, -q_neg, q_pos)
+        out = torch.clamp(x, -q_neg * step, q_pos * step).div_(step).round_().mul_(step)
         ctx.save_for_backward(x, out, step)
         ctx.grid = (q_neg, q_pos, grad_scale)
         return out
@@ -60,11 +60,12 @@ class _LSQFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, out, step = ctx.saved_tensors
         q_neg, q_pos, grad_scale = ctx.grid
-        inside = (x > -q_neg * step) & (x < q_pos * step)
-        grad_x = grad_out * inside
-        grad_out, out, x = grad_out.reshape(-1), out.reshape(-1), x.reshape(-1)
-        grad_step = (torch.dot(grad_out, out) - torch.dot(grad_x.reshape(-1), x)) / step
-        return grad_x, grad_step * grad_scale, None, None, None
+        grad_x = pass_between(grad_out, x, -q_neg * step, q_pos * step)
+        # Inside and outside summed apart: sum(g * out) - sum(g * x) over all elements would cancel
+        # catastrophically in float32 (two large sums, a small difference).
+        inside = torch.dot(grad_x.reshape(-1), (out - x).reshape(-1))
+        outside = torch.dot((grad_out - grad_x).reshape(-1), out.reshape(-1))
+        return grad_x, (inside + outside) / step * grad_scale, None, None, None
 
 
 class _LSQPerChannelFunction(torch.autograd.Function):

@@ -15,24 +15,21 @@ import torch
 from torch import nn
 
 from quantizers.errors import QuantSpecError, check_non_negative
+from quantizers.straight_through import pass_between, sum_where_at_least
 
 
 class _PACTFunction(torch.autograd.Function):
-    """Forward is one fused fake-quant kernel: clip to [0, alpha] and round on the grid alpha / (2^k - 1)."""
-
     @staticmethod
     def forward(ctx, x, alpha, levels):
-        zero_point = torch.zeros((), dtype=torch.int32, device=x.device)
+        scale = alpha / levels
         ctx.save_for_backward(x, alpha)
-        return torch.fake_quantize_per_tensor_affine(x, alpha.detach() / levels, zero_point, 0, levels)
+        return torch.clamp(x, torch.zeros_like(alpha), alpha).div_(scale).round_().mul_(scale)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, alpha = ctx.saved_tensors
-        clipped = x >= alpha
-        grad_x = grad_out * ((x >= 0) & ~clipped)
-        grad_alpha = torch.where(clipped, grad_out, 0).sum()
-        return grad_x, grad_alpha, None
+        grad_x = pass_between(grad_out, x, 0.0, alpha, include_low=True)  # [0, alpha)
+        return grad_x, sum_where_at_least(grad_out, x, alpha), None
 
 
 class PACTQuantizer(nn.Module):

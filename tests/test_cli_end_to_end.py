@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
 
 from callbacks import read_epoch_metrics
+from conftest import REPO, run_cli
 from lightning_modules import ClassificationModule
 from quantizers import LSQQuantizer, QuantConv2d
 from study.store import read_rows

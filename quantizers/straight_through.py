@@ -1,0 +1,57 @@
+"""Straight-through gradient helpers shared by the quantizers' autograd Functions.
+
+Fake-quant backward passes are dominated by "gradient where low < x < high, else 0". On CPU, PyTorch's
+comparison ops write a bool tensor slowly and a masked multiply costs another pass, while
+`hardtanh_backward` does exactly this in one vectorised pass (about 4x faster on 2M elements). It takes
+Python-number bounds, which would force a device sync per layer on CUDA, so GPUs use the mask form, and so
+does torch.compile, which fuses the comparisons into its generated kernel anyway.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _number(value: torch.Tensor | float) -> float:
+    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _next(value, direction: float, dtype: torch.dtype) -> float:
+    """The neighbour of `value` towards `direction` in `dtype` (a float64 neighbour would round back)."""
+    here = torch.tensor(_number(value), dtype=dtype)
+    return torch.nextafter(here, torch.tensor(direction, dtype=dtype)).item()
+
+
+def pass_between(
+    grad: torch.Tensor, x: torch.Tensor, low, high, include_low: bool = False, include_high: bool = False
+) -> torch.Tensor:
+    """`grad` where x lies between low and high (each end open unless included), 0 elsewhere."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        # hardtanh_backward passes low < x < high; a closed end is the open end at the next float outward.
+        low = _next(low, -math.inf, x.dtype) if include_low else _number(low)
+        high = _next(high, math.inf, x.dtype) if include_high else _number(high)
+        return torch.ops.aten.hardtanh_backward(grad, x, low, high)
+    above_low = x >= low if include_low else x > low
+    below_high = x <= high if include_high else x < high
+    return grad * (above_low & below_high)
+
+
+def sum_where_at_least(grad: torch.Tensor, x: torch.Tensor, threshold) -> torch.Tensor:
+    """sum(grad where x >= threshold)."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return torch.ops.aten.threshold_backward(grad, x, _next(threshold, -math.inf, x.dtype)).sum()
+    return torch.where(x >= threshold, grad, 0).sum()
+
+
+class RoundSTE(torch.autograd.Function):
+    """round() forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out
