@@ -2,9 +2,12 @@
 
     python cli.py fit  --config configs/digits_resnet20_lsq4.yaml
     python cli.py test --config configs/digits_resnet20_lsq4.yaml --ckpt_path runs/<run>/checkpoints/last.ckpt
+    python cli.py corrupt --data configs/data/digits.yaml --cache_dir corrupted/
+    python cli.py corruption-grid image.png --out grid.png
 
-fit / validate / test / predict go through LightningCLI. A user's mistake (bad config key, unknown method,
-bits out of range, missing dataset) ends in one line on stderr and exit status 2.
+fit / validate / test / predict go through LightningCLI; the other commands are plain jsonargparse CLIs that
+never build a Trainer. A user's mistake (bad config key, unknown method, bits out of range, missing dataset,
+unknown corruption) ends in one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
 from callbacks import QuantizationCallback, ResultsCallback
 from callbacks.checkpoint import RunCheckpoint
+from datamodules.corruptions import CorruptionError
 from datamodules.errors import DataError
 from lightning_modules.models import UnknownModelError
 from quantizers import QuantSpecError
@@ -33,9 +38,11 @@ from study.store import ResultsStoreError
 # (set WANDB_SILENT=false to see it); qreg prints where an offline run went.
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates; nothing a user can act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 USER_ERRORS: tuple[type[Exception], ...] = (
-    QuantSpecError, DataError, UnknownModelError, ResultsStoreError, FileNotFoundError,
+    QuantSpecError, DataError, CorruptionError, UnknownModelError, ResultsStoreError, FileNotFoundError,
 )
 RUNS_DIR = "runs"
 
@@ -81,6 +88,8 @@ def _build_parser_classes():
             parser.add_lightning_class_args(QuantizationCallback, "quantization")
             parser.add_lightning_class_args(ResultsCallback, "results")
             parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+            if "verbose" in parser.get_defaults():  # test/validate: qreg prints its own compact table
+                parser.set_defaults(verbose=False)
             parser.add_argument(
                 "--test_after_fit", type=bool, default=True,
                 help="after fit, evaluate the final weights on the test splits and append them to the results",
@@ -97,7 +106,7 @@ def _build_parser_classes():
 
         def after_fit(self) -> None:
             if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:
-                self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="last")
+                self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="last", verbose=False)
 
         def instantiate_trainer(self, **kwargs: Any):
             trainer_config = self._get(self.config_init, "trainer", default={})
@@ -153,6 +162,7 @@ def run_lightning(args: list[str] | None) -> None:
         parser_kwargs={"exit_on_error": False},
         trainer_defaults={
             "max_epochs": 200,
+            "log_every_n_steps": 10,
             "callbacks": [
                 RichProgressBar(leave=True),
                 RunCheckpoint(),
@@ -163,6 +173,65 @@ def run_lightning(args: list[str] | None) -> None:
 
 
 _LITERAL_ERROR = re.compile(r'Parser key "([^"]+)": Expected a typing\.Literal\[(.+?)\]\. Got value: (\S+)')
+
+
+def _tool_parser(command: str, description: str):
+    from jsonargparse import ArgumentParser
+
+    return ArgumentParser(prog=f"cli.py {command}", description=description, exit_on_error=False)
+
+
+def corrupt_command(args: list[str]) -> None:
+    """Pre-generate a DataModule's corrupted test splits into a cache folder, with a progress bar."""
+    from datamodules.base import ImageClassificationDataModule, progress_bar
+    from datamodules.corruptions.splits import CorruptionCache
+
+    parser = _tool_parser("corrupt", corrupt_command.__doc__)
+    parser.add_subclass_arguments(ImageClassificationDataModule, "data", required=True,
+                                  help="the DataModule (its corrupted_test section picks the splits)")
+    parser.add_argument("--cache_dir", required=True, help="where the .npy splits and their manifest go")
+    parser.add_argument("--workers", type=int, default=2, help="processes generating splits in parallel")
+    config = parser.parse_args(args)
+    datamodule = parser.instantiate_classes(config).data
+    datamodule.setup("fit")
+    clean = datamodule.test_sets["clean"]
+    settings = datamodule.corrupted_test
+    cache = CorruptionCache(config.cache_dir, clean.images, settings.profile, settings.seed)
+    splits = settings.splits()
+    todo = cache.missing(splits)
+    start = time.perf_counter()
+    with progress_bar(disable=not todo) as progress:
+        task = progress.add_task(f"corrupting {datamodule.name} ({len(clean)} images)", total=len(todo))
+        cache.generate(todo, workers=config.workers, progress=lambda *_: progress.advance(task))
+    seconds = time.perf_counter() - start
+    rate = f", {len(todo) * len(clean) / seconds:,.0f} images/s" if todo else ""
+    print(f"{len(todo)} of {len(splits)} splits written to {cache.directory} in {seconds:.1f} s{rate}; "
+          f"use them with --data.init_args.corrupted_test.cache_dir {config.cache_dir}")
+
+
+def corruption_grid_command(args: list[str]) -> None:
+    """Render one image under all 19 corruptions x 5 severities as a labelled PNG grid."""
+    import numpy as np
+    from PIL import Image
+
+    from datamodules.corruptions import save_corruption_grid
+
+    parser = _tool_parser("corruption-grid", corruption_grid_command.__doc__)
+    parser.add_argument("image", help="an image file (any size; RGB)")
+    parser.add_argument("--out", required=True, help="the PNG to write")
+    parser.add_argument("--profile", default="cifar", choices=["cifar", "imagenet"])
+    parser.add_argument("--seed", type=int, default=0)
+    config = parser.parse_args(args)
+    try:
+        with Image.open(config.image) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except OSError as error:
+        raise DataError(f"cannot read image {config.image}: {error}") from None
+    path = save_corruption_grid(pixels, config.out, profile=config.profile, seed=config.seed)
+    print(f"wrote {path}")
+
+
+TOOL_COMMANDS = {"corrupt": corrupt_command, "corruption-grid": corruption_grid_command}
 
 
 def _one_line(error: BaseException) -> str:
@@ -193,8 +262,12 @@ def user_error(error: BaseException) -> BaseException | None:
 def main(argv: list[str] | None = None) -> int:
     # A user's mistake is one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        run_lightning(argv)
+        if args and args[0] in TOOL_COMMANDS:
+            TOOL_COMMANDS[args[0]](args[1:])
+        else:
+            run_lightning(argv)
     except Exception as error:
         mistake = user_error(error)
         if mistake is None:

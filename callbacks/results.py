@@ -22,6 +22,7 @@ import lightning as L
 import torch
 
 from quantizers import applied_spec
+from study.metrics import CLEAN, corruption_means
 from study.store import append_rows, locked, write_atomically
 
 METRICS_FILE = "metrics.jsonl"
@@ -119,3 +120,46 @@ class ResultsCallback(L.Callback):
                 rows.append({**identity, "split": "test", "corruption": corruption, "severity": severity,
                              "metric": metric, "value": value})
         append_rows(self.results_path(trainer), rows)
+        accuracy = {name: m["accuracy"] for name, m in results.items() if "accuracy" in m}
+        if accuracy:
+            print_accuracy_table(accuracy, title=f"{identity['model']} {identity['method']} "
+                                 f"W{identity['weight_bits']}A{identity['act_bits']} test accuracy (%)")
+            log_wandb_table(trainer, results)
+
+
+def print_accuracy_table(accuracy: dict[str, float], title: str) -> None:
+    """Clean accuracy, then one row per corruption: its five severities and their mean."""
+    from rich.console import Console
+    from rich.table import Table
+
+    by_corruption: dict[str, dict[int, float]] = {}
+    for name, value in accuracy.items():
+        corruption, severity = split_identity(name)
+        by_corruption.setdefault(corruption, {})[severity] = value
+    severities = sorted({s for per in by_corruption.values() for s in per if s})
+    table = Table(title=title)
+    table.add_column("split")
+    for severity in severities:
+        table.add_column(f"s{severity}", justify="right")
+    table.add_column("mean", justify="right")
+    means = corruption_means(accuracy)
+    if CLEAN in accuracy:
+        table.add_row(CLEAN, *[""] * len(severities), f"{accuracy[CLEAN]:.2f}")
+    for corruption, per in by_corruption.items():
+        if corruption != CLEAN:
+            cells = [f"{per[s]:.2f}" if s in per else "" for s in severities]
+            table.add_row(corruption, *cells, f"{means[corruption]:.2f}")
+    if "corrupted" in means:
+        table.add_row("all corrupted", *[""] * len(severities), f"{means['corrupted']:.2f}")
+    Console().print(table)
+
+
+def log_wandb_table(trainer: L.Trainer, results: dict[str, dict[str, float]]) -> None:
+    """Per-(corruption, severity) metrics as one wandb.Table (scalars are logged by the module)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            metrics = sorted({m for values in results.values() for m in values})
+            data = [[*split_identity(name), *(values.get(m) for m in metrics)] for name, values in results.items()]
+            logger.log_table(key="test/splits", columns=["corruption", "severity", *metrics], data=data)

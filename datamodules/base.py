@@ -15,6 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.corruptions.splits import (
+    CIFARCRelease,
+    CorruptedTest,
+    CorruptionCache,
+    OnTheFlyCorruption,
+    split_name,
+)
 from datamodules.errors import DataError
 
 # Maps (uint8 NxHxWx3 images, their dataset indices) to images of the same shape: e.g. a corruption.
@@ -48,6 +55,13 @@ class ArrayImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.__getitems__([index])
         return images[0], labels[0]
+
+
+def progress_bar(disable: bool = False):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    return Progress(*columns, disable=disable)
 
 
 def keep_batch(batch):
@@ -94,7 +108,21 @@ class ImageClassificationDataModule(L.LightningDataModule):
         split_seed: int = 0,
         crop_padding: int = 4,
         augment: bool = True,
+        corrupted_test: CorruptedTest = CorruptedTest(),  # noqa: B008 (frozen, safe to share)
     ) -> None:
+        """
+        Args:
+            batch_size: training batch size.
+            eval_batch_size: validation and test batch size.
+            num_workers: DataLoader worker processes (0 loads in the main process).
+            val_size: images held out of the training set for validation.
+            split_seed: fixes which images are held out, independently of the run's seed.
+            crop_padding: random-crop translation in pixels (zero padded); 0 disables it.
+            augment: random crop (and flip, where the dataset allows) on training batches.
+            corrupted_test: corrupted copies of the test set served after the clean one: by default all
+                19 corruptions x 5 severities of the cifar profile, generated on the fly; `corruptions: []`
+                serves the clean test set only.
+        """
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
             raise DataError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
@@ -109,6 +137,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         self.crop_padding = crop_padding
         self.augment = augment
+        self.corrupted_test = corrupted_test
         self.train_set: ArrayImageDataset | None = None
         self.val_set: ArrayImageDataset | None = None
         self.test_sets: dict[str, ArrayImageDataset] = {}
@@ -117,8 +146,12 @@ class ImageClassificationDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+        if self.train_set is None:
+            self._split()
+        if stage in (None, "test") and len(self.test_sets) == 1:
+            self.test_sets.update(self._corrupted_test_sets())
+
+    def _split(self) -> None:
         train_images, train_labels, test_images, test_labels = self.load()
         if self.val_size >= len(train_images):
             raise DataError(f"data.val_size {self.val_size} leaves no training images (of {len(train_images)})")
@@ -129,6 +162,34 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.train_set = ArrayImageDataset(train_images[train_idx], train_labels[train_idx])
         self.val_set = ArrayImageDataset(train_images[val_idx], train_labels[val_idx])
         self.test_sets = {"clean": ArrayImageDataset(test_images, test_labels)}
+
+    def _corrupted_test_sets(self) -> dict[str, ArrayImageDataset]:
+        settings = self.corrupted_test
+        clean = self.test_sets["clean"]
+        splits = settings.splits()
+        if not splits:
+            return {}
+        if settings.release_root:
+            release = CIFARCRelease(settings.release_root, clean.labels, settings.verify_md5)
+            return {split_name(c, s): ArrayImageDataset(release.images(c, s), clean.labels) for c, s in splits}
+        if settings.cache_dir:
+            cache = CorruptionCache(settings.cache_dir, clean.images, settings.profile, settings.seed)
+            todo = set(cache.missing(splits))
+            loaded = {}
+            with progress_bar(disable=not todo) as progress:
+                task = progress.add_task(f"corrupting the {self.name} test set", total=len(todo))
+                for corruption, severity in splits:
+                    images = cache.load(corruption, severity)
+                    loaded[split_name(corruption, severity)] = ArrayImageDataset(images, clean.labels)
+                    if (corruption, severity) in todo:
+                        progress.advance(task)
+            return loaded
+        return {
+            split_name(c, s): ArrayImageDataset(
+                clean.images, clean.labels, OnTheFlyCorruption(c, s, settings.profile, settings.seed)
+            )
+            for c, s in splits
+        }
 
     @property
     def test_split_names(self) -> list[str]:

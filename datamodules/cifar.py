@@ -89,19 +89,13 @@ class _CIFARDataModule(ImageClassificationDataModule):
     torchvision_folder: str = ""
     download_size: str = ""
 
-    def __init__(
-        self,
-        root: str = "data/cifar",
-        download: bool = False,
-        batch_size: int = 128,
-        eval_batch_size: int = 500,
-        num_workers: int = 0,
-        val_size: int = 5000,
-        split_seed: int = 0,
-        crop_padding: int = 4,
-        augment: bool = True,
-    ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, val_size, split_seed, crop_padding, augment)
+    def __init__(self, root: str = "data/cifar", download: bool = False, **kwargs) -> None:
+        """
+        Args:
+            root: folder holding torchvision's files or the train/ and test/ class folders.
+            download: fetch torchvision's files into root when missing (the only network access).
+        """
+        super().__init__(**kwargs)
         self.root = Path(root).expanduser()
         self.download = download
         if not download:

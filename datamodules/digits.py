@@ -42,13 +42,14 @@ class DigitsDataModule(ImageClassificationDataModule):
         self,
         batch_size: int = 64,
         eval_batch_size: int = 360,
-        num_workers: int = 0,
         val_size: int = 180,
-        split_seed: int = 0,
         crop_padding: int = 2,
-        augment: bool = True,
+        **kwargs,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, val_size, split_seed, crop_padding, augment)
+        super().__init__(
+            batch_size=batch_size, eval_batch_size=eval_batch_size, val_size=val_size, crop_padding=crop_padding,
+            **kwargs,
+        )
 
     def load(self):
         images, labels = digits_as_rgb32()

@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.models import build_model
 from quantizers import CHECKPOINT_KEY, QuantSpec, parameter_groups, quantize_model
+from study.metrics import corruption_means
 
 
 class ClassificationModule(L.LightningModule):
@@ -111,10 +112,14 @@ class ClassificationModule(L.LightningModule):
         for name, acc, loss in zip(self.test_split_names(), self.test_acc, self.test_loss, strict=True):
             # Accuracy in percent, the unit of the paper's tables and of its Eq. 5.
             self.test_results[name] = {"accuracy": 100.0 * acc.compute().item(), "loss": loss.compute().item()}
-            self.log(f"test/acc/{name}", self.test_results[name]["accuracy"], add_dataloader_idx=False)
-            self.log(f"test/loss/{name}", self.test_results[name]["loss"], add_dataloader_idx=False)
             acc.reset()
             loss.reset()
+        for name, metrics in self.test_results.items():
+            self.log(f"test/acc/{name}", metrics["accuracy"], add_dataloader_idx=False)
+            self.log(f"test/loss/{name}", metrics["loss"], add_dataloader_idx=False)
+        accuracy = {name: metrics["accuracy"] for name, metrics in self.test_results.items()}
+        for corruption, mean in corruption_means(accuracy).items():
+            self.log(f"test/acc_mean/{corruption}", mean, add_dataloader_idx=False)
 
     def milestone_epochs(self) -> list[int]:
         max_epochs = self.trainer.max_epochs if self._trainer is not None else None

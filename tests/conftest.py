@@ -38,6 +38,7 @@ def digits_fast_args(tmp_path) -> list[str]:
         "--trainer.default_root_dir", str(tmp_path / "run"),
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
+        "--data.init_args.corrupted_test.corruptions", "[]",
     ]
 
 

@@ -84,8 +84,11 @@ def test_cli_runs_as_a_script(tmp_path):
         sys.executable, "cli.py", "fit", "--config", "configs/digits_resnet20_lsq4.yaml",
         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
         "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false",
+        "--data.init_args.corrupted_test.corruptions", "[motion_blur]",
     ]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert rows and all(r["method"] == "lsq" for r in rows)
+    splits = {(r["corruption"], r["severity"]) for r in rows}
+    assert splits == {("clean", 0)} | {("motion_blur", severity) for severity in range(1, 6)}

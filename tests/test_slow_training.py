@@ -30,8 +30,10 @@ def clean_accuracy(results_file) -> list[float]:
 @pytest.mark.parametrize("config", ["digits_resnet20_fp32", "digits_resnet20_lsq4"])
 def test_shipped_digits_config_reaches_90_percent_and_test_reproduces_it(config, tmp_path):
     run = tmp_path / config
-    cli("fit", "--config", f"configs/{config}.yaml", "--trainer.default_root_dir", str(run))
-    cli("test", "--config", f"configs/{config}.yaml", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    clean_only = ("--data.init_args.corrupted_test.corruptions", "[]")
+    cli("fit", "--config", f"configs/{config}.yaml", "--trainer.default_root_dir", str(run), *clean_only)
+    cli("test", "--config", f"configs/{config}.yaml", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+        *clean_only)
     at_fit_end, from_checkpoint = clean_accuracy(run / "results.jsonl")
     assert at_fit_end >= 90.0
     assert from_checkpoint == at_fit_end
@@ -43,6 +45,7 @@ def test_resnet20_on_real_cifar10_exceeds_50_percent_in_two_epochs(quantization,
     run = tmp_path / "run"
     cli("fit", "--data", "CIFAR10DataModule", "--data.init_args.root", str(cifar10_root),
         "--model", "ClassificationModule", "--model.init_args.model", "resnet20", "--trainer.max_epochs", "2",
+        "--data.init_args.corrupted_test.corruptions", "[]",
         "--trainer.default_root_dir", str(run), *quantization)
     (accuracy,) = clean_accuracy(run / "results.jsonl")
     print(f"{quantization}: CIFAR-10 test accuracy after 2 epochs {accuracy:.2f} %")

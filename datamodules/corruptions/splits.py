@@ -1,0 +1,262 @@
+"""Corrupted test splits: which to serve, generated on the fly or cached, or read from the official release.
+
+- `CorruptedTest`: the DataModule setting (which corruptions and severities, profile, seed, cache, release).
+- `OnTheFlyCorruption`: a batch transform that corrupts each batch as it is loaded, from each image's
+  dataset index, so results do not depend on batch size, worker count or order.
+- `CorruptionCache`: lossless `.npy` copies, one per (corruption, severity), written atomically beside a
+  manifest (engine version, profile, seed, fingerprint of the clean images); a cache made by another
+  engine version, profile, seed or test set is regenerated, never reused.
+- `CIFARCRelease`: the official CIFAR-10-C / CIFAR-100-C files, memory-mapped and sliced by severity, with
+  the labels checked against the clean test set and optional MD5 checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from datamodules.corruptions.engine import CORRUPTIONS, ENGINE_VERSION, SEVERITIES, corrupt
+from datamodules.errors import DataError
+
+RELEASE_IMAGES_PER_SEVERITY = 10_000
+
+
+@dataclass(frozen=True)
+class CorruptedTest:
+    """Which corrupted copies of the test set a DataModule serves after the clean one.
+
+    Args:
+        corruptions: "all" (the 19 of Hendrycks & Dietterich), a list of names, or [] for none.
+        severities: any of 1..5.
+        profile: "cifar" (the CIFAR-10-C tables) or "imagenet" (the ImageNet-C tables, any image size).
+        seed: seeds every image's corruption together with its index.
+        cache_dir: keep generated splits here as .npy (reused across runs); null corrupts on the fly.
+        release_root: a folder with the official CIFAR-10-C / CIFAR-100-C .npy files; used instead of
+            generating (cifar profile, CIFAR data only).
+        verify_md5: check the release files against `MD5SUMS` in release_root (slow: 2.7 GB).
+    """
+
+    corruptions: Literal["all"] | list[str] = "all"
+    severities: list[int] = field(default_factory=lambda: list(SEVERITIES))
+    profile: Literal["cifar", "imagenet"] = "cifar"
+    seed: int = 0
+    cache_dir: str | None = None
+    release_root: str | None = None
+    verify_md5: bool = False
+
+    def __post_init__(self) -> None:
+        names = self.names
+        unknown = [n for n in names if n not in CORRUPTIONS]
+        if unknown:
+            raise DataError(f"unknown corruption(s) {unknown}; choose from: {', '.join(CORRUPTIONS)}")
+        bad = [s for s in self.severities if isinstance(s, bool) or s not in SEVERITIES]
+        if bad:
+            raise DataError(f"corruption severities must be in 1..5, got {bad}")
+
+    @property
+    def names(self) -> list[str]:
+        return list(CORRUPTIONS) if self.corruptions == "all" else list(self.corruptions)
+
+    def splits(self) -> list[tuple[str, int]]:
+        """(corruption, severity) pairs in the canonical order."""
+        return [(name, severity) for name in self.names for severity in sorted(set(self.severities))]
+
+
+def split_name(corruption: str, severity: int) -> str:
+    return f"{corruption}/{severity}"
+
+
+class OnTheFlyCorruption:
+    """Batch transform (images, dataset indices) -> corrupted images."""
+
+    def __init__(self, corruption: str, severity: int, profile: str, seed: int) -> None:
+        self.corruption, self.severity, self.profile, self.seed = corruption, severity, profile, seed
+
+    def __call__(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        return corrupt(images, self.corruption, self.severity, self.profile, self.seed, index=indices)
+
+
+def fingerprint(images: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(images).view(np.uint8).data).hexdigest()[:16]
+
+
+def write_npy_atomically(path: Path, array: np.ndarray) -> None:
+    """Save an array next to its final name, fsync, then rename: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class CorruptionCache:
+    """Generated corrupted test splits kept as lossless .npy files in one folder per (profile, seed, images)."""
+
+    def __init__(self, directory: str | Path, clean_images: np.ndarray, profile: str, seed: int) -> None:
+        self.manifest = {
+            "engine_version": ENGINE_VERSION,
+            "profile": profile,
+            "seed": seed,
+            "images": fingerprint(clean_images),
+            "shape": list(clean_images.shape),
+        }
+        key = hashlib.sha1(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:12]
+        self.directory = Path(directory) / f"{profile}-seed{seed}-{key}"
+        self.clean_images = clean_images
+        self.profile, self.seed = profile, seed
+
+    def path(self, corruption: str, severity: int) -> Path:
+        return self.directory / f"{corruption}-{severity}.npy"
+
+    def _manifest_matches(self) -> bool:
+        try:
+            return json.loads((self.directory / "manifest.json").read_text()) == self.manifest
+        except (OSError, ValueError):
+            return False
+
+    def _ensure_manifest(self) -> None:
+        if self._manifest_matches():
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for stale in self.directory.glob("*.npy"):  # a folder whose manifest differs is never trusted
+            stale.unlink()
+        text = json.dumps(self.manifest, indent=2, sort_keys=True).encode()
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.directory / "manifest.json")
+
+    def load(self, corruption: str, severity: int) -> np.ndarray:
+        """The corrupted split, generated and saved first if missing (memory-mapped when cached)."""
+        self._ensure_manifest()
+        path = self.path(corruption, severity)
+        if path.exists():
+            try:
+                images = np.load(path, mmap_mode="r")
+                if images.shape == self.clean_images.shape and images.dtype == np.uint8:
+                    return images
+            except ValueError:
+                pass  # truncated or foreign file: regenerate it
+        images = corrupt(self.clean_images, corruption, severity, self.profile, self.seed, index=0)
+        write_npy_atomically(path, images)
+        return np.load(path, mmap_mode="r")
+
+    def missing(self, splits: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+        if not self._manifest_matches():
+            return list(splits)
+        return [(c, s) for c, s in splits if not self.path(c, s).exists()]
+
+    def generate(self, splits: Iterable[tuple[str, int]], workers: int = 1, progress=None) -> int:
+        """Write every missing split, `workers` processes at a time; returns how many were written.
+
+        `progress(corruption, severity)` is called after each split is written.
+        """
+        todo = self.missing(list(splits))
+        self._ensure_manifest()
+        if workers <= 1:
+            for corruption, severity in todo:
+                self.load(corruption, severity)
+                if progress:
+                    progress(corruption, severity)
+            return len(todo)
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(workers) as pool:
+            jobs = {
+                pool.submit(_write_split, self.path(c, s), self.clean_images, c, s, self.profile, self.seed): (c, s)
+                for c, s in todo
+            }
+            for job in as_completed(jobs):
+                job.result()
+                if progress:
+                    progress(*jobs[job])
+        return len(todo)
+
+
+def _write_split(path: Path, clean: np.ndarray, corruption: str, severity: int, profile: str, seed: int) -> None:
+    write_npy_atomically(path, corrupt(clean, corruption, severity, profile, seed, index=0))
+
+
+class CIFARCRelease:
+    """The official CIFAR-10-C / CIFAR-100-C release: `<root>/<corruption>.npy` + `labels.npy`."""
+
+    def __init__(self, root: str | Path, clean_labels: np.ndarray, verify_md5: bool = False) -> None:
+        self.root = Path(root).expanduser()
+        if not (self.root / "labels.npy").is_file():
+            raise DataError(
+                f"no CIFAR-C release at '{self.root}': expected labels.npy and <corruption>.npy files "
+                "(the CIFAR-10-C / CIFAR-100-C folder from Zenodo 2535967 / 3555552)"
+            )
+        self.n = len(clean_labels)
+        labels = self._open("labels", ndim=1)
+        expected = np.tile(np.asarray(clean_labels), len(SEVERITIES))
+        if labels.shape != expected.shape or not np.array_equal(labels, expected):
+            raise DataError(
+                f"{self.root / 'labels.npy'} does not match the clean test labels repeated 5 times; "
+                "is this the release for the same dataset?"
+            )
+        self.checksums = self._read_checksums() if verify_md5 else None
+        self._verified: set[str] = set()
+
+    def _read_checksums(self) -> dict[str, str]:
+        listing = self.root / "MD5SUMS"
+        if not listing.is_file():
+            raise DataError(f"verify_md5 needs {listing} ('<md5>  <file>' lines, as md5sum writes them)")
+        sums = {}
+        for line in listing.read_text().splitlines():
+            if line.strip():
+                digest, _, name = line.strip().partition("  ")
+                sums[name.strip().lstrip("*")] = digest
+        return sums
+
+    def _open(self, name: str, ndim: int) -> np.ndarray:
+        path = self.root / f"{name}.npy"
+        if not path.is_file():
+            raise DataError(f"missing {path} in the CIFAR-C release")
+        try:
+            array = np.load(path, mmap_mode="r")
+        except ValueError as error:
+            raise DataError(f"{path} is not a readable .npy file ({error}); re-download it") from None
+        rows = len(SEVERITIES) * self.n
+        shape_ok = array.shape[0] == rows and (ndim == 1 or array.shape[1:] == (32, 32, 3))
+        if array.ndim != ndim or not shape_ok or array.dtype != np.uint8:
+            expected = (rows,) if ndim == 1 else (rows, 32, 32, 3)
+            raise DataError(f"{path} has shape {array.shape} {array.dtype}, expected {expected} uint8")
+        return array
+
+    def _verify(self, name: str) -> None:
+        if self.checksums is None or name in self._verified:
+            return
+        file = f"{name}.npy"
+        if file not in self.checksums:
+            raise DataError(f"MD5SUMS in {self.root} has no entry for {file}")
+        digest = hashlib.md5()
+        with open(self.root / file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+        if digest.hexdigest() != self.checksums[file]:
+            raise DataError(f"{self.root / file} fails its MD5 check; re-download it")
+        self._verified.add(name)
+
+    def images(self, corruption: str, severity: int) -> np.ndarray:
+        """The severity's 10,000 (or n) images, memory-mapped, in the clean test set's order."""
+        self._verify(corruption)
+        array = self._open(corruption, ndim=4)
+        return array[(severity - 1) * self.n : severity * self.n]
