@@ -30,8 +30,10 @@ from callbacks import QuantizationCallback, ResultsCallback
 from callbacks.checkpoint import RunCheckpoint
 from datamodules.corruptions import CorruptionError
 from datamodules.errors import DataError
+from lightning_modules.divergence import TrainingDiverged
 from lightning_modules.models import UnknownModelError
 from quantizers import QuantSpecError
+from study.grid import StudyError
 from study.store import ResultsStoreError
 
 # Lightning's own use of deprecated jsonargparse calls is not the user's concern, nor is W&B's chatter
@@ -42,9 +44,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 USER_ERRORS: tuple[type[Exception], ...] = (
-    QuantSpecError, DataError, CorruptionError, UnknownModelError, ResultsStoreError, FileNotFoundError,
+    QuantSpecError, DataError, CorruptionError, UnknownModelError, ResultsStoreError, StudyError, FileNotFoundError,
 )
 RUNS_DIR = "runs"
+EXIT_DIVERGED = 3  # the loss became NaN/inf: a result, not a crash (a study records it and goes on)
 
 
 def wandb_is_online() -> bool:
@@ -231,7 +234,78 @@ def corruption_grid_command(args: list[str]) -> None:
     print(f"wrote {path}")
 
 
-TOOL_COMMANDS = {"corrupt": corrupt_command, "corruption-grid": corruption_grid_command}
+def study_command(args: list[str]) -> None:
+    """Run a study's grid (FP32 + methods x bits x seeds), resumably, then write its report."""
+    from jsonargparse import ActionConfigFile
+
+    from study.grid import StudyConfig
+    from study.report import write_report
+    from study.runner import StudyRunner, print_outcomes
+    from study.slurm import write_slurm_scripts
+
+    parser = _tool_parser("study", study_command.__doc__)
+    parser.add_argument("--config", action=ActionConfigFile, help="the study file, e.g. configs/study/demo.yaml")
+    parser.add_class_arguments(StudyConfig, as_positional=False)
+    parser.add_argument("--executor", default="local", choices=["local", "slurm"],
+                        help="local: run the cells here, one after another; slurm: write a job-array script")
+    parser.add_argument("--cell", type=int | None, default=None, help="run only this cell (0-based; job arrays)")
+    parser.add_argument("--slurm_options", type=list[str], default=[],
+                        help='#SBATCH lines for every job, e.g. ["--gres=gpu:1", "--time=12:00:00"]')
+    parser.add_argument("--report", type=bool, default=True, help="write the report when the study ends")
+    config = parser.parse_args(args)
+    files = config.get("config") or []
+    study_file = Path(str(files[-1].absolute)) if files else None
+    study = StudyConfig(**{k: config[k] for k in ("name", "base", "methods", "seeds", "args", "output_dir",
+                                                    "corruption_workers")})
+    study = _as_dataclasses(study)
+    if config.executor == "slurm":
+        if study_file is None:
+            raise StudyError("--executor slurm needs the study as a file: --config configs/study/<name>.yaml")
+        submit = write_slurm_scripts(study, study_file, config.slurm_options)
+        print(f"wrote {submit.parent}/cells.sbatch ({len(study.cells())} array tasks) and report.sbatch; "
+              f"submit with: bash {submit}")
+        return
+    runner = StudyRunner(study, study_file)
+    outcomes = runner.run(only=config.cell)
+    print_outcomes(outcomes)
+    if config.cell is None and config.report:
+        print(f"report: {write_report(runner.directory)}")
+    failed = [o.cell.name for o in outcomes if o.status == "failed"]
+    if failed:
+        raise StudyRunFailed(f"cells failed: {', '.join(failed)} (rerun the study to retry them)")
+
+
+def _as_dataclasses(study):
+    """jsonargparse hands nested dataclasses back as Namespaces when read from a file; normalise them."""
+    from study.grid import MethodEntry
+
+    entries = [e if isinstance(e, MethodEntry) else MethodEntry(**dict(vars(e) if hasattr(e, "__dict__") else e))
+               for e in study.methods]
+    study.methods = entries
+    return study
+
+
+def report_command(args: list[str]) -> None:
+    """Write the report of a study folder: figures, tables and report.md from its results store."""
+    from study.report import write_report
+
+    parser = _tool_parser("report", report_command.__doc__)
+    parser.add_argument("study_dir", help="the study folder (holding results.jsonl)")
+    parser.add_argument("--wandb", type=bool, default=True, help="also log the report to W&B")
+    config = parser.parse_args(args)
+    print(f"wrote {write_report(config.study_dir, log_to_wandb=config.wandb)}")
+
+
+class StudyRunFailed(RuntimeError):
+    """Some cells crashed; the study is resumable, so this ends with exit status 1, not a traceback."""
+
+
+TOOL_COMMANDS = {
+    "corrupt": corrupt_command,
+    "corruption-grid": corruption_grid_command,
+    "study": study_command,
+    "report": report_command,
+}
 
 
 def _one_line(error: BaseException) -> str:
@@ -244,19 +318,22 @@ def _one_line(error: BaseException) -> str:
     return text
 
 
-def user_error(error: BaseException) -> BaseException | None:
-    """The user's mistake behind an exception, if any: jsonargparse and Lightning wrap the original one."""
-    from jsonargparse import ArgumentError
-
+def _find(error: BaseException | None, kinds) -> BaseException | None:
+    """The first exception of `kinds` in the chain: jsonargparse and Lightning wrap the original one."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, USER_ERRORS):
-            return error
-        if isinstance(error, ArgumentError):
+        if isinstance(error, kinds):
             return error
         error = error.__cause__ or error.__context__
     return None
+
+
+def user_error(error: BaseException) -> BaseException | None:
+    """The user's mistake behind an exception, if any."""
+    from jsonargparse import ArgumentError
+
+    return _find(error, (*USER_ERRORS, ArgumentError))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,6 +346,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_lightning(argv)
     except Exception as error:
+        if isinstance(error, StudyRunFailed):
+            print(f"qreg: {error}", file=sys.stderr)
+            return 1
+        diverged = _find(error, TrainingDiverged)
+        if diverged is not None:
+            print(f"qreg: diverged: {_one_line(diverged)}", file=sys.stderr)
+            return EXIT_DIVERGED
         mistake = user_error(error)
         if mistake is None:
             raise

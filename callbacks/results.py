@@ -23,10 +23,10 @@ import torch
 
 from quantizers import applied_spec
 from study.metrics import CLEAN, corruption_means
-from study.store import append_rows, locked, write_atomically
+from study.store import RESULTS_FILE, append_rows, locked, write_atomically
 
 METRICS_FILE = "metrics.jsonl"
-RESULTS_FILE = "results.jsonl"
+PREDICTIONS_FILE = "predictions.npz"
 FLOAT_BITS = 32  # how a float (unquantized) tensor's precision is recorded in a results row
 
 
@@ -59,6 +59,30 @@ def _scalar(value: Any) -> float | None:
             return None
         value = value.item()
     return float(value) if isinstance(value, int | float) else None
+
+
+def save_predictions(path: Path, correct: dict[str, Any]) -> None:
+    """Per-image correctness by split, bit-packed: what the report's paired bootstrap resamples."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    arrays = {name.replace("/", "__"): np.packbits(np.asarray(v, dtype=bool)) for name, v in correct.items()}
+    sizes = {f"size__{key}": np.array(len(v)) for key, v in zip(arrays, correct.values(), strict=True)}
+    np.savez_compressed(buffer, **arrays, **sizes)
+    write_atomically(path, buffer.getvalue())
+
+
+def load_predictions(path: str | Path) -> dict[str, Any]:
+    """The inverse of save_predictions: split name -> bool array."""
+    import numpy as np
+
+    with np.load(path) as data:
+        return {
+            key.replace("__", "/"): np.unpackbits(data[key])[: int(data[f"size__{key}"])].astype(bool)
+            for key in data.files if not key.startswith("size__")
+        }
 
 
 def read_epoch_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -108,6 +132,16 @@ class ResultsCallback(L.Callback):
             existing = path.read_bytes() if path.exists() else b""
             write_atomically(path, existing + (json.dumps(row) + "\n").encode())
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # A diverged run is a result too: the report shows it, and a study does not retry it.
+        from lightning_modules.divergence import TrainingDiverged
+
+        if isinstance(exception, TrainingDiverged) and trainer.is_global_zero:
+            identity = run_identity(trainer, pl_module, self.study, self.run_name(trainer))
+            append_rows(self.results_path(trainer), [{**identity, "split": "train", "corruption": "none",
+                                                      "severity": 0, "metric": "diverged",
+                                                      "value": float(trainer.global_step)}])
+
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
@@ -120,6 +154,9 @@ class ResultsCallback(L.Callback):
                 rows.append({**identity, "split": "test", "corruption": corruption, "severity": severity,
                              "metric": metric, "value": value})
         append_rows(self.results_path(trainer), rows)
+        predictions = getattr(pl_module, "test_predictions", None)
+        if predictions:
+            save_predictions(Path(trainer.default_root_dir) / PREDICTIONS_FILE, predictions)
         accuracy = {name: m["accuracy"] for name, m in results.items() if "accuracy" in m}
         if accuracy:
             print_accuracy_table(accuracy, title=f"{identity['model']} {identity['method']} "

@@ -1,6 +1,7 @@
 """LightningModules and the model builders they use."""
 
 from lightning_modules.classification import ClassificationModule
+from lightning_modules.divergence import TrainingDiverged
 from lightning_modules.models import MODELS, build_model
 
-__all__ = ["MODELS", "ClassificationModule", "build_model"]
+__all__ = ["MODELS", "ClassificationModule", "TrainingDiverged", "build_model"]

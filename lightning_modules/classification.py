@@ -16,6 +16,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_modules.divergence import check_finite_loss
 from lightning_modules.models import build_model
 from quantizers import CHECKPOINT_KEY, QuantSpec, parameter_groups, quantize_model
 from study.metrics import corruption_means
@@ -54,6 +55,8 @@ class ClassificationModule(L.LightningModule):
         self.test_acc = nn.ModuleList()
         self.test_loss = nn.ModuleList()
         self.test_results: dict[str, dict[str, float]] = {}
+        self.test_predictions: dict[str, object] = {}  # split -> per-image correctness (bool numpy array)
+        self._correct: list[list[torch.Tensor]] = []
         self._compiled = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -74,6 +77,7 @@ class ClassificationModule(L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
+        check_finite_loss(self, loss)
         self.train_acc(logits, labels)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
@@ -100,14 +104,23 @@ class ClassificationModule(L.LightningModule):
         self.test_loss = nn.ModuleList(MeanMetric() for _ in range(n))
         self.test_acc.to(self.device)
         self.test_loss.to(self.device)
+        self._correct: list[list[torch.Tensor]] = [[] for _ in range(n)]
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
         logits = self(images)
         self.test_acc[dataloader_idx].update(logits, labels)
         self.test_loss[dataloader_idx].update(F.cross_entropy(logits, labels, reduction="none"))
+        # Per-image correctness, for the report's paired bootstrap. Under DDP the sampler pads and interleaves
+        # the images, so the per-image order is only kept on a single process.
+        if self.trainer.world_size == 1:
+            self._correct[dataloader_idx].append((logits.argmax(1) == labels).cpu())
 
     def on_test_epoch_end(self) -> None:
+        names = self.test_split_names()
+        self.test_predictions = {
+            name: torch.cat(chunks).numpy() for name, chunks in zip(names, self._correct, strict=True) if chunks
+        }
         self.test_results = {}
         for name, acc, loss in zip(self.test_split_names(), self.test_acc, self.test_loss, strict=True):
             # Accuracy in percent, the unit of the paper's tables and of its Eq. 5.

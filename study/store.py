@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+RESULTS_FILE = "results.jsonl"
 FIELDS = (
     "run", "study", "model", "dataset", "method", "weight_bits", "act_bits", "seed",
     "split", "corruption", "severity", "metric", "value",

@@ -1,0 +1,64 @@
+"""`--executor slurm`: write a job array (one grid cell per task) and a report job that runs after it."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from study.grid import StudyConfig
+from study.store import write_atomically
+
+CLI = Path(__file__).resolve().parents[1] / "cli.py"
+
+
+def write_slurm_scripts(
+    study: StudyConfig, study_file: Path, sbatch_options: list[str], python: str | None = None
+) -> Path:
+    """Write `<study>/slurm/{cells.sbatch, report.sbatch, submit.sh}`; returns submit.sh.
+
+    Each array task runs `cli.py study --cell $SLURM_ARRAY_TASK_ID`, i.e. exactly one cell, in its own
+    folder `<study>/cells/<cell>/`, resuming from that cell's last checkpoint if the task is requeued.
+    """
+    cells = study.cells()
+    directory = study.directory().resolve()
+    folder = directory / "slurm"
+    python = python or sys.executable
+    study_command = [python, str(CLI), "study", "--config", str(study_file.resolve()),
+                     "--output_dir", str(directory)]
+    header = ["#!/bin/bash", f"#SBATCH --job-name=qreg-{study.name}", *(f"#SBATCH {o}" for o in sbatch_options)]
+    listing = "\n".join(f"#   {i}: {cell.name} -> {directory / 'cells' / cell.name}" for i, cell in enumerate(cells))
+    cells_script = "\n".join([
+        *header,
+        f"#SBATCH --array=0-{len(cells) - 1}",
+        f"#SBATCH --output={folder}/cell-%a-%A.out",
+        "#SBATCH --signal=SIGUSR1@90",
+        "#SBATCH --requeue",
+        f"# {len(cells)} cells, one per array task:",
+        listing,
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(Path.cwd().resolve()))}",
+        "srun " + shlex.join(study_command) + " --cell ${SLURM_ARRAY_TASK_ID}",
+        "",
+    ])
+    report_script = "\n".join([
+        *header,
+        f"#SBATCH --output={folder}/report-%j.out",
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(Path.cwd().resolve()))}",
+        "srun " + shlex.join([python, str(CLI), "report", str(directory)]),
+        "",
+    ])
+    submit = "\n".join([
+        "#!/bin/bash",
+        "# Submit the cells as a job array, then the report once every task has ended.",
+        "set -euo pipefail",
+        f"cells=$(sbatch --parsable {shlex.quote(str(folder / 'cells.sbatch'))})",
+        f"sbatch --dependency=afterany:${{cells}} {shlex.quote(str(folder / 'report.sbatch'))}",
+        "echo \"submitted study array ${cells}\"",
+        "",
+    ])
+    for name, text in (("cells.sbatch", cells_script), ("report.sbatch", report_script), ("submit.sh", submit)):
+        write_atomically(folder / name, text.encode())
+        (folder / name).chmod(0o755)
+    return folder / "submit.sh"
