@@ -83,7 +83,8 @@ def _build_parser_classes():
             stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn enum
             if stage != "fit":
                 self.config_filename = f"config-{stage}.yaml"
-            self.overwrite = stage != "fit" or trainer.ckpt_path is not None
+            # A resumed fit (ckpt_path given) rewrites the config of the run it continues.
+            self.overwrite = stage != "fit" or self.config.get("ckpt_path") is not None
             super().setup(trainer, pl_module, stage)
 
     class QregCLI(LightningCLI):
