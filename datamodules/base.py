@@ -174,15 +174,11 @@ class ImageClassificationDataModule(L.LightningDataModule):
             return {split_name(c, s): ArrayImageDataset(release.images(c, s), clean.labels) for c, s in splits}
         if settings.cache_dir:
             cache = CorruptionCache(settings.cache_dir, clean.images, settings.profile, settings.seed)
-            todo = set(cache.missing(splits))
-            loaded = {}
+            todo = cache.missing(splits)
             with progress_bar(disable=not todo) as progress:
                 task = progress.add_task(f"corrupting the {self.name} test set", total=len(todo))
-                for corruption, severity in splits:
-                    images = cache.load(corruption, severity)
-                    loaded[split_name(corruption, severity)] = ArrayImageDataset(images, clean.labels)
-                    if (corruption, severity) in todo:
-                        progress.advance(task)
+                cache.generate(todo, workers=settings.workers, progress=lambda *_: progress.advance(task))
+            loaded = {split_name(c, s): ArrayImageDataset(cache.load(c, s), clean.labels) for c, s in splits}
             return loaded
         return {
             split_name(c, s): ArrayImageDataset(

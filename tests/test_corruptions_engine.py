@@ -17,6 +17,7 @@ from datamodules.corruptions import (
     CorruptionError,
     corrupt,
     engine,
+    engine_fingerprint,
     save_corruption_grid,
 )
 
@@ -51,6 +52,7 @@ def test_public_constants() -> None:
     assert EXTRA_CORRUPTIONS == ("speckle_noise", "gaussian_blur", "spatter", "saturate")
     assert PROFILES == ("cifar", "imagenet") and SEVERITIES == (1, 2, 3, 4, 5)
     assert isinstance(ENGINE_VERSION, str) and ENGINE_VERSION
+    assert engine_fingerprint().startswith(f"engine {ENGINE_VERSION}; numpy {np.__version__}")
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -166,8 +168,10 @@ def test_bad_images_raise_one_line(images: object, fragment: str) -> None:
 
 
 def test_cifar_frost_refuses_images_larger_than_its_textures() -> None:
-    with pytest.raises(CorruptionError, match="use profile='imagenet'"):
-        corrupt(np.zeros((80, 120, 3), dtype=np.uint8), "frost", 1, profile="cifar")
+    corrupt(np.zeros((62, 104, 3), dtype=np.uint8), "frost", 1, profile="cifar")  # fits every texture
+    for shape in [(63, 50, 3), (50, 105, 3)]:  # whatever the draw: checked against all five textures
+        with pytest.raises(CorruptionError, match="use profile='imagenet'"):
+            corrupt(np.zeros(shape, dtype=np.uint8), "frost", 1, profile="cifar")
 
 
 def test_empty_batch() -> None:

@@ -14,6 +14,7 @@ from datamodules.corruptions.engine import (
     EXTRA_CORRUPTIONS,
     SEVERITIES,
     corrupt,
+    engine_fingerprint,
 )
 from datamodules.corruptions.grid import save_corruption_grid
 from datamodules.corruptions.profiles import PROFILES
@@ -28,5 +29,6 @@ __all__ = [
     "SEVERITIES",
     "CorruptionError",
     "corrupt",
+    "engine_fingerprint",
     "save_corruption_grid",
 ]

@@ -61,6 +61,18 @@ def uniform_int8(rng: np.random.Generator, low: int, high: int, shape: tuple[int
     return (values.astype(np.int8) + np.int8(low)).reshape(shape)
 
 
+# k / 255 in float32 for k = 0..255: what both `(x / 255.).astype(np.float32)` and `np.float32(x) / 255.`
+# give (the generators use both; they agree for every k).
+UNIT_FLOAT32 = np.arange(256, dtype=np.float32) / np.float32(255.0)
+UNIT_FLOAT64 = np.arange(256) / 255.0
+
+
+def unit_float32(images: np.ndarray) -> np.ndarray:
+    """uint8 images as float32 x / 255, by table lookup (OpenCV's LUT, one pass)."""
+    flat = images.reshape(-1, images.shape[-2] * images.shape[-1])
+    return cv2.LUT(flat, UNIT_FLOAT32).reshape(images.shape)
+
+
 def kernel_radius(sigma: float, truncate: float) -> int:
     """scipy.ndimage's Gaussian radius, so OpenCV gets exactly the taps skimage/scipy would use."""
     return int(truncate * float(sigma) + 0.5)
@@ -75,13 +87,18 @@ def gaussian_filter(
     """skimage.filters.gaussian over the two spatial axes (channels independent), computed by OpenCV.
 
     Same kernel as scipy (radius int(truncate * sigma + 0.5), normalised exp), same borders
-    (scipy 'nearest' = BORDER_REPLICATE, 'reflect' = BORDER_REFLECT), several times faster.
+    (scipy 'nearest' = BORDER_REPLICATE, 'reflect' = BORDER_REFLECT), several times faster. A uint8 image
+    is filtered as x / 255 and comes back as float32.
     """
     sigma_y, sigma_x = (sigma, sigma) if np.isscalar(sigma) else sigma
-    if sigma_y <= 1e-15 and sigma_x <= 1e-15:
-        return image.copy()
     radius_y = kernel_radius(sigma_y, truncate) if sigma_y > 1e-15 else 0
     radius_x = kernel_radius(sigma_x, truncate) if sigma_x > 1e-15 else 0
+    if image.dtype == np.uint8:  # filter x / 255 straight from uint8: the 1 / 255 rides on the kernel
+        kernel_y = _gaussian_taps(sigma_y, radius_y, np.float32)
+        kernel_x = _gaussian_taps(sigma_x, radius_x, np.float32) / np.float32(255.0)
+        return cv2.sepFilter2D(image, cv2.CV_32F, kernel_x, kernel_y, borderType=border)
+    if radius_y == 0 and radius_x == 0:
+        return image.copy()
     kernel_y = _gaussian_taps(sigma_y, radius_y, image.dtype)
     kernel_x = _gaussian_taps(sigma_x, radius_x, image.dtype)
     return cv2.sepFilter2D(image, -1, kernel_x, kernel_y, borderType=border)

@@ -15,19 +15,20 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from datamodules.corruptions._common import gaussian_filter, jit
+from datamodules.corruptions._common import UNIT_FLOAT64, gaussian_filter, jit, unit_float32
 from datamodules.corruptions.profiles import Elastic, ElasticSized, Saturate
 
 # ---------------------------------------------------------------- HSV: brightness and saturate
 
 
 @jit
-def _hsv_adjust_kernel(pixels, channel, multiply, add, out):  # pragma: no cover - compiled
-    # channel 2: V = clip(V * multiply + add); channel 1: S likewise. skimage's formulas, float64.
+def _hsv_adjust_kernel(pixels, channel, multiply, add, unit, out):  # pragma: no cover - compiled
+    # channel 2: V = clip(V * multiply + add); channel 1: S likewise. skimage's formulas, float64; x / 255 by
+    # table (the same values, three divisions fewer per pixel).
     for i in range(pixels.shape[0]):
-        r = pixels[i, 0] / 255.0
-        g = pixels[i, 1] / 255.0
-        b = pixels[i, 2] / 255.0
+        r = unit[pixels[i, 0]]
+        g = unit[pixels[i, 1]]
+        b = unit[pixels[i, 2]]
         v = max(r, max(g, b))
         delta = v - min(r, min(g, b))
         h = 0.0
@@ -72,7 +73,7 @@ def _hsv_adjust_kernel(pixels, channel, multiply, add, out):  # pragma: no cover
 
 def _hsv_adjust(images: np.ndarray, channel: int, multiply: float, add: float) -> np.ndarray:
     out = np.empty_like(images)
-    _hsv_adjust_kernel(images.reshape(-1, 3), channel, float(multiply), float(add), out.reshape(-1, 3))
+    _hsv_adjust_kernel(images.reshape(-1, 3), channel, float(multiply), float(add), UNIT_FLOAT64, out.reshape(-1, 3))
     return out
 
 
@@ -230,7 +231,7 @@ def elastic_transform(
     fields U(-0.005 H, 0.005 H) smoothed with sigma (0.01 H, 0.01 W) times alpha; no affine step.
     """
     count, height, width, _ = images.shape
-    unit = images.astype(np.float32) / np.float32(255.0)
+    unit = unit_float32(images)
     shift_y = np.empty((count, height, width), dtype=np.float32)
     shift_x = np.empty_like(shift_y)
     if isinstance(params, Elastic):

@@ -116,8 +116,27 @@ def corrupt(
         rngs = None
         if name not in DETERMINISTIC:
             rngs = [image_generator(seed, int(i), number, int(severity), profile_number) for i in indices[start:stop]]
-        out[start:stop] = function(np.ascontiguousarray(batch[start:stop]), table_row, rngs, profile)
+        chunk_images = batch[start:stop]
+        if not (chunk_images.flags.c_contiguous and chunk_images.flags.writeable):
+            # One array type for the compiled kernels (read-only arrays, e.g. from PIL or a memory map, would
+            # each need their own compilation).
+            chunk_images = chunk_images.copy()
+        out[start:stop] = function(chunk_images, table_row, rngs, profile)
     return out[0] if images.ndim == 3 else out
+
+
+def engine_fingerprint() -> str:
+    """ENGINE_VERSION plus the library versions the bytes also depend on (random algorithms, codecs, filters).
+
+    For cache manifests: a generated split is only reusable where all of these match.
+    """
+    import cv2
+    import numba
+    import PIL
+
+    versions = {"engine": ENGINE_VERSION, "numpy": np.__version__, "numba": numba.__version__}
+    versions |= {"opencv": cv2.__version__, "pillow": PIL.__version__}
+    return "; ".join(f"{name} {version}" for name, version in versions.items())
 
 
 def image_generator(seed: int, index: int, corruption: int, severity: int, profile: int) -> np.random.Generator:

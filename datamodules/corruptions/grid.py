@@ -31,7 +31,8 @@ def save_corruption_grid(
     height, width = image.shape[:2]
     cell = 1.3
     aspect = height / width
-    figure = Figure(figsize=(cell * (len(SEVERITIES) + 1) + 1.6, cell * aspect * len(CORRUPTIONS) + 0.6), dpi=110)
+    header = 0.7  # inches above the grid: the title, then the column titles
+    figure = Figure(figsize=(cell * (len(SEVERITIES) + 1) + 1.6, cell * aspect * len(CORRUPTIONS) + header), dpi=110)
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(CORRUPTIONS), len(SEVERITIES) + 1, squeeze=False)
     for r, (name, corrupted) in enumerate(zip(CORRUPTIONS, rows, strict=True)):
@@ -44,10 +45,9 @@ def save_corruption_grid(
                 axis.set_title("clean" if c == 0 else f"severity {c}", fontsize=8)
             if c == 0:
                 axis.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
-    figure.suptitle(f"profile {profile!r}, seed {seed}", fontsize=9)
-    figure.subplots_adjust(
-        left=0.2, right=0.99, top=1 - 0.5 / figure.get_figheight(), bottom=0.01, wspace=0.05, hspace=0.05
-    )
+    inches = figure.get_figheight()
+    figure.suptitle(f"profile {profile!r}, seed {seed}", fontsize=9, y=1 - 0.08 / inches, va="top")
+    figure.subplots_adjust(left=0.2, right=0.99, top=1 - header / inches, bottom=0.01, wspace=0.05, hspace=0.05)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".png", dir=target.parent)

@@ -13,20 +13,20 @@ from functools import lru_cache
 import numpy as np
 from scipy.special import gammaln, xlogy
 
-from datamodules.corruptions._common import jit
+from datamodules.corruptions._common import UNIT_FLOAT64, jit
 
 
 @jit
 def _gaussian_kernel(pixels, std, rng, out):  # pragma: no cover - compiled
     for i in range(pixels.size):
-        value = pixels[i] / 255.0 + std * rng.standard_normal()
+        value = UNIT_FLOAT64[pixels[i]] + std * rng.standard_normal()
         out[i] = np.uint8(min(max(value, 0.0), 1.0) * 255.0)
 
 
 @jit
 def _speckle_kernel(pixels, std, rng, out):  # pragma: no cover - compiled
     for i in range(pixels.size):
-        x = pixels[i] / 255.0
+        x = UNIT_FLOAT64[pixels[i]]
         value = x + x * (std * rng.standard_normal())
         out[i] = np.uint8(min(max(value, 0.0), 1.0) * 255.0)
 

@@ -4,8 +4,8 @@
 - `OnTheFlyCorruption`: a batch transform that corrupts each batch as it is loaded, from each image's
   dataset index, so results do not depend on batch size, worker count or order.
 - `CorruptionCache`: lossless `.npy` copies, one per (corruption, severity), written atomically beside a
-  manifest (engine version, profile, seed, fingerprint of the clean images); a cache made by another
-  engine version, profile, seed or test set is regenerated, never reused.
+  manifest (engine and library versions, profile, seed, fingerprint of the clean images); a cache made by
+  another engine, profile, seed or test set is regenerated, never reused.
 - `CIFARCRelease`: the official CIFAR-10-C / CIFAR-100-C files, memory-mapped and sliced by severity, with
   the labels checked against the clean test set and optional MD5 checks.
 """
@@ -23,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 
-from datamodules.corruptions.engine import CORRUPTIONS, ENGINE_VERSION, SEVERITIES, corrupt
+from datamodules.corruptions.engine import CORRUPTIONS, SEVERITIES, corrupt, engine_fingerprint
 from datamodules.errors import DataError
 
 RELEASE_IMAGES_PER_SEVERITY = 10_000
@@ -42,6 +42,7 @@ class CorruptedTest:
         release_root: a folder with the official CIFAR-10-C / CIFAR-100-C .npy files; used instead of
             generating (cifar profile, CIFAR data only).
         verify_md5: check the release files against `MD5SUMS` in release_root (slow: 2.7 GB).
+        workers: processes that generate missing cached splits in parallel.
     """
 
     corruptions: Literal["all"] | list[str] = "all"
@@ -51,6 +52,7 @@ class CorruptedTest:
     cache_dir: str | None = None
     release_root: str | None = None
     verify_md5: bool = False
+    workers: int = 1
 
     def __post_init__(self) -> None:
         names = self.names
@@ -109,7 +111,8 @@ class CorruptionCache:
 
     def __init__(self, directory: str | Path, clean_images: np.ndarray, profile: str, seed: int) -> None:
         self.manifest = {
-            "engine_version": ENGINE_VERSION,
+            # The engine version and the library versions its bytes depend on (random algorithms, codecs).
+            "engine_version": engine_fingerprint(),
             "profile": profile,
             "seed": seed,
             "images": fingerprint(clean_images),
@@ -176,9 +179,12 @@ class CorruptionCache:
                 if progress:
                     progress(corruption, severity)
             return len(todo)
+        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(workers) as pool:
+        # spawn, not fork: the parent may hold torch / OpenCV thread pools that a forked child would inherit
+        # in a broken state.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             jobs = {
                 pool.submit(_write_split, self.path(c, s), self.clean_images, c, s, self.profile, self.seed): (c, s)
                 for c, s in todo

@@ -14,7 +14,7 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-from datamodules.corruptions._common import CorruptionError, gaussian_filter, jit
+from datamodules.corruptions._common import UNIT_FLOAT32, UNIT_FLOAT64, CorruptionError, gaussian_filter, jit
 from datamodules.corruptions.blur import clipped_zoom, motion_blur_image
 from datamodules.corruptions.profiles import Fog, Frost, Snow, Spatter
 
@@ -38,27 +38,25 @@ def normal_layer(rng: np.random.Generator, loc: float, scale: float, height: int
 
 
 @jit
-def _snow_composite_kernel(images, levels, blend, out):  # pragma: no cover - compiled
+def _snow_composite_kernel(images, levels, blend, unit32, unit64, out):  # pragma: no cover - compiled
     # x = blend * x + (1 - blend) * max(x, grey(x) * 1.5 + 0.5) in float32 (x = uint8 / 255 as float32, grey
     # with OpenCV's RGB2GRAY weights), then + layer + layer rotated 180 degrees in float64, clip, truncate.
     count, height, width, _ = images.shape
     keep = np.float32(blend)
     lift = np.float32(1 - blend)
-    scale = np.float32(255.0)
     for n in range(count):
         for y in range(height):
             for x in range(width):
-                r = np.float32(images[n, y, x, 0]) / scale
-                g = np.float32(images[n, y, x, 1]) / scale
-                b = np.float32(images[n, y, x, 2]) / scale
+                r = unit32[images[n, y, x, 0]]
+                g = unit32[images[n, y, x, 1]]
+                b = unit32[images[n, y, x, 2]]
                 grey = r * np.float32(0.299) + g * np.float32(0.587) + b * np.float32(0.114)
                 floor = grey * np.float32(1.5) + np.float32(0.5)
-                first = levels[n, y, x] / 255.0
-                second = levels[n, height - 1 - y, width - 1 - x] / 255.0
+                snow = unit64[levels[n, y, x]] + unit64[levels[n, height - 1 - y, width - 1 - x]]
                 for c in range(3):
-                    value = np.float32(images[n, y, x, c]) / scale
-                    value = keep * value + lift * max(value, floor * np.float32(1.1))
-                    total = (np.float64(value) + first) + second
+                    value = unit32[images[n, y, x, c]]
+                    value = keep * value + lift * max(value, floor)
+                    total = np.float64(value) + snow
                     out[n, y, x, c] = np.uint8(min(max(total, 0.0), 1.0) * 255.0)
 
 
@@ -81,10 +79,11 @@ def snow(images: np.ndarray, params: Snow, rngs: Sequence[np.random.Generator], 
             blurred = motion_blur_image(grey, params.blur_radius, params.blur_sigma, angle)
             levels[n] = np.floor(np.clip(blurred, 0, 255) + 0.5)
         else:
-            blurred = motion_blur_image(np.clip(layer, 0, 1), params.blur_radius, params.blur_sigma, angle)
+            flakes = np.clip(layer, 0, 1).astype(np.float32)  # blurred in float32 (the fork: float64)
+            blurred = motion_blur_image(flakes, params.blur_radius, params.blur_sigma, angle)
             levels[n] = np.round(blurred * 255)[:height, :width]
     out = np.empty_like(images)
-    _snow_composite_kernel(images, levels, float(params.blend), out)
+    _snow_composite_kernel(images, levels, float(params.blend), UNIT_FLOAT32, UNIT_FLOAT64, out)
     return out
 
 
@@ -103,13 +102,7 @@ def frost_texture(index: int) -> np.ndarray:
 def _frost_scaled(index: int, height: int, width: int, profile: str) -> np.ndarray:
     texture = frost_texture(index)
     if profile == "cifar":
-        scaled = cv2.resize(texture, (0, 0), fx=0.2, fy=0.2)
-        if scaled.shape[0] <= height or scaled.shape[1] <= width:
-            raise CorruptionError(
-                f"profile 'cifar' frost needs images smaller than {scaled.shape[0]}x{scaled.shape[1]}; "
-                "use profile='imagenet' for larger images"
-            )
-        return scaled
+        return cv2.resize(texture, (0, 0), fx=0.2, fy=0.2)
     # The fork: scale so the texture covers the image (the larger of the two ratios), times 1.1.
     texture_height, texture_width = texture.shape[:2]
     factor = 1.0
@@ -132,6 +125,13 @@ def frost_textures(profile: str) -> int:
 def frost(images: np.ndarray, params: Frost, rngs: Sequence[np.random.Generator], profile: str) -> np.ndarray:
     """image_weight * x + frost_weight * (random crop of a frost texture), in 0..255."""
     count, height, width, _ = images.shape
+    if profile == "cifar":  # fixed-scale textures: the image must fit inside every one that can be drawn
+        limit_height, limit_width = np.min([_frost_scaled(i, 0, 0, "cifar").shape[:2] for i in range(5)], axis=0)
+        if height >= limit_height or width >= limit_width:
+            raise CorruptionError(
+                f"profile 'cifar' frost needs images smaller than {limit_height}x{limit_width} (its textures are "
+                f"scaled by 0.2), got {height}x{width}; use profile='imagenet' for larger images"
+            )
     crops = np.empty_like(images)
     for n, rng in enumerate(rngs):
         index = int(rng.integers(frost_textures(profile)))
@@ -227,24 +227,26 @@ def fog(images: np.ndarray, params: Fog, rngs: Sequence[np.random.Generator], pr
     out = np.empty_like(images)
     for n, rng in enumerate(rngs):
         plasma = plasma_fractal(rng, mapsize, params.wibble_decay)
-        _fog_composite_kernel(images[n], plasma, float(params.strength), out[n])
+        _fog_composite_kernel(images[n], plasma, float(params.strength), UNIT_FLOAT64, out[n])
     return out
 
 
 @jit
-def _fog_composite_kernel(image, plasma, strength, out):  # pragma: no cover - compiled
+def _fog_composite_kernel(image, plasma, strength, unit64, out):  # pragma: no cover - compiled
     # x = k / 255; x += strength * map; x * max(x) / (max(x) + strength); clip, truncate (float64).
     height, width, channels = image.shape
-    peak = 0.0
+    brightest = 0
     for y in range(height):
         for x in range(width):
             for c in range(channels):
-                peak = max(peak, image[y, x, c] / 255.0)
+                brightest = max(brightest, image[y, x, c])
+    peak = unit64[brightest]
+    scale = peak + strength
     for y in range(height):
         for x in range(width):
             fog = strength * plasma[y, x]
             for c in range(channels):
-                value = (image[y, x, c] / 255.0 + fog) * peak / (peak + strength)
+                value = (unit64[image[y, x, c]] + fog) * peak / scale
                 out[y, x, c] = np.uint8(min(max(value, 0.0), 1.0) * 255.0)
 
 
