@@ -93,9 +93,11 @@ class QuantizationCallback(L.Callback):
             return
         metrics = {f"quant/{name}": value for name, value in quantizer_state(net).items()}
         noise = weight_quantization_noise(net)
-        metrics.update({f"quant_noise/{name}": value for name, value in noise.items()})
+        for name, (variance, predicted) in noise.items():
+            metrics[f"quant_noise/{name}"] = variance
+            metrics[f"quant_noise_ratio/{name}"] = variance / predicted
         if noise:
-            metrics["quant_noise/mean"] = sum(noise.values()) / len(noise)
+            metrics["quant_noise/mean"] = sum(v for v, _ in noise.values()) / len(noise)
         pl_module.log_dict(metrics, on_epoch=True, sync_dist=False)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:

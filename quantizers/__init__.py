@@ -7,6 +7,7 @@ from quantizers.dorefa import DoReFaActQuantizer, DoReFaWeightQuantizer
 from quantizers.errors import QuantSpecError
 from quantizers.layers import QuantConv2d, QuantLinear
 from quantizers.lsq import LSQQuantizer
+from quantizers.noise import GaussianWeightNoise, weight_noise_statistics
 from quantizers.pact import PACTQuantizer
 from quantizers.spec import CHECKPOINT_KEY, METHODS, QuantSpec
 from quantizers.swap import (
@@ -24,6 +25,7 @@ __all__ = [
     "METHODS",
     "DoReFaActQuantizer",
     "DoReFaWeightQuantizer",
+    "GaussianWeightNoise",
     "LSQQuantizer",
     "PACTQuantizer",
     "QuantConv2d",
@@ -36,5 +38,6 @@ __all__ = [
     "quantize_model",
     "quantized_layers",
     "quantizer_state",
+    "weight_noise_statistics",
     "weight_quantization_noise",
 ]

@@ -48,9 +48,14 @@ class DoReFaWeightQuantizer(nn.Module):
             return t.abs().flatten(1).amax(1).view(-1, *([1] * (t.dim() - 1)))
         return t.abs().max()
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
+    def unrounded_and_rounded(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tanh(w) / max|tanh(w)| and its k-bit quantization, both in [-1, 1] (before any rescale)."""
         t = torch.tanh(w)
-        w_q = 2 * quantize_k(t / (2 * self._max(t)) + 0.5, self.bits) - 1
+        normalized = t / (2 * self._max(t)) + 0.5
+        return 2 * normalized - 1, 2 * quantize_k(normalized, self.bits) - 1
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        w_q = self.unrounded_and_rounded(w)[1]
         if self.rescale:
             w_q = w_q * self._max(w).detach()
         return w_q

@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from quantizers.errors import QuantSpecError
 
-METHODS = ("fp32", "lsq", "pact_dorefa", "dorefa")
-Method = Literal["fp32", "lsq", "pact_dorefa", "dorefa"]
+METHODS = ("fp32", "lsq", "pact_dorefa", "dorefa", "noise")
+Method = Literal["fp32", "lsq", "pact_dorefa", "dorefa", "noise"]
 MIN_BITS, MAX_BITS = 2, 8
 # Where a checkpoint carries the spec its model was quantized with.
 CHECKPOINT_KEY = "quantization"
@@ -36,7 +36,8 @@ class QuantSpec:
 
     Args:
         method: fp32 (no quantization), lsq (LSQ weights and activations), pact_dorefa (PACT activations,
-            DoReFa weights) or dorefa (DoReFa weights only).
+            DoReFa weights), dorefa (DoReFa weights only), or noise: the matched-noise control, full precision
+            with Gaussian weight noise of the variance of weight_bits-bit quantization noise, in training only.
         weight_bits: bit width of the weights of every quantized layer but the first and last.
         act_bits: bit width of the layers' input activations; null means the same as weight_bits.
             Ignored by dorefa, which quantizes weights only.
@@ -108,7 +109,7 @@ class QuantSpec:
         return self.weight_bits if self.act_bits is None else self.act_bits
 
     def describe(self) -> str:
-        """Short human label, e.g. 'lsq W4A4' or 'dorefa W2'."""
+        """Short human label, e.g. 'lsq W4A4', 'dorefa W2' or 'noise W4' (noise matched to 4 bits)."""
         if not self.quantized:
             return "fp32"
         act = self.effective_act_bits

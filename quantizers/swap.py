@@ -17,6 +17,7 @@ from quantizers.dorefa import DoReFaWeightQuantizer
 from quantizers.errors import QuantSpecError
 from quantizers.layers import QUANTIZED_LAYERS, QuantConv2d, QuantLinear
 from quantizers.lsq import LSQQuantizer
+from quantizers.noise import GaussianWeightNoise, weight_noise_statistics
 from quantizers.pact import PACTQuantizer
 from quantizers.spec import QuantSpec
 
@@ -80,6 +81,8 @@ def plan_layers(model: nn.Module, spec: QuantSpec) -> list[LayerPlan]:
 def _weight_quantizer(layer: nn.Module, plan: LayerPlan, spec: QuantSpec) -> nn.Module | None:
     if plan.weight_bits is None:
         return None
+    if spec.method == "noise":
+        return GaussianWeightNoise(plan.weight_bits)
     if spec.method == "lsq":
         channels = layer.weight.shape[0] if spec.per_channel else None
         quantizer = LSQQuantizer(plan.weight_bits, signed=True, num_channels=channels)
@@ -165,10 +168,10 @@ def quantizer_state(model: nn.Module) -> dict[str, float]:
 
 
 @torch.no_grad()
-def weight_quantization_noise(model: nn.Module) -> dict[str, float]:
-    """Per layer, the mean squared weight quantization noise mean((Q(w) - w)^2)."""
-    noise = {}
-    for name, layer in quantized_layers(model).items():
-        if layer.weight_quantizer is not None:
-            noise[name] = (layer.weight_quantizer(layer.weight) - layer.weight).pow(2).mean().item()
-    return noise
+def weight_quantization_noise(model: nn.Module) -> dict[str, tuple[float, float]]:
+    """Per layer, (variance of the weight quantization noise, its uniform-noise prediction Delta^2 / 12)."""
+    return {
+        name: weight_noise_statistics(layer.weight, layer.weight_quantizer)
+        for name, layer in quantized_layers(model).items()
+        if layer.weight_quantizer is not None
+    }

@@ -1,0 +1,88 @@
+"""Quantization noise, measured, and the matched-noise control that imitates it.
+
+The paper models weight quantization as additive noise `Q(w) = w + delta` whose size shrinks with precision.
+This module measures that noise per layer (`weight_noise_statistics`) and provides the control experiment
+the paper lacks: `GaussianWeightNoise`, full-precision training with additive Gaussian weight noise whose
+per-layer variance matches b-bit quantization noise, resampled every step and absent at evaluation. If a
+b-bit quantized model generalizes like its matched-noise twin, the regularization is the noise; if not,
+something else about quantization (clipping, the grid, activation quantization) matters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from quantizers.dorefa import DoReFaWeightQuantizer
+from quantizers.errors import QuantSpecError
+from quantizers.lsq import LSQQuantizer, lsq_grid
+
+
+def lsq_init_step(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """The LSQ step a b-bit signed weight grid starts from: 2 * mean|w| / sqrt(Qp)."""
+    return 2 * weight.abs().mean() / math.sqrt(lsq_grid(bits, signed=True)[1])
+
+
+@torch.no_grad()
+def lsq_quantization_error(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q(w) - w, step) for a b-bit signed LSQ grid at its initial step."""
+    q_neg, q_pos = lsq_grid(bits, signed=True)
+    step = lsq_init_step(weight, bits)
+    return (weight / step).clamp(-q_neg, q_pos).round() * step - weight, step
+
+
+class GaussianWeightNoise(nn.Module):
+    """Adds N(0, sigma^2) to the weights in training, sigma^2 = the variance of b-bit quantization noise.
+
+    The variance is recomputed from the current weights at every step (the b-bit LSQ grid at its initial
+    step, `2 mean|w| / sqrt(Qp)`), so the noise tracks the weights as they change, like quantization noise
+    does. The gradient passes to the weights unchanged (the noise is a constant of the step), as it does
+    through a straight-through quantizer. In eval mode the weights are used as they are.
+    """
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        if not isinstance(bits, int) or isinstance(bits, bool) or bits < 2:
+            raise QuantSpecError(f"matched noise needs an integer bit width >= 2, got {bits!r}")
+        self.bits = bits
+        self.last_variance: float | None = None
+
+    def extra_repr(self) -> str:
+        return f"matched to {self.bits}-bit quantization noise"
+
+    @torch.no_grad()
+    def target_variance(self, weight: torch.Tensor) -> torch.Tensor:
+        error, _ = lsq_quantization_error(weight, self.bits)
+        return error.pow(2).mean()
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return weight
+        variance = self.target_variance(weight)
+        self.last_variance = variance  # a tensor: no host sync in the training step
+        return weight + torch.randn_like(weight) * variance.sqrt()
+
+
+@torch.no_grad()
+def weight_noise_statistics(weight: torch.Tensor, quantizer: nn.Module) -> tuple[float, float]:
+    """(variance of the weight quantization noise delta, the uniform-noise prediction Delta^2 / 12).
+
+    delta is Q(w) minus what the straight-through estimator treats as the identity: w itself for LSQ, the
+    unrounded DoReFa transform tanh(w) / max|tanh(w)| for DoReFa (whose output lives in [-1, 1], not on w's
+    scale), and the injected Gaussian for the matched-noise control. Delta is the grid step in that domain.
+    """
+    if isinstance(quantizer, LSQQuantizer):
+        delta = quantizer(weight) - weight
+        step_squared = quantizer.step.detach().clamp_min(1e-12).pow(2).mean()
+    elif isinstance(quantizer, DoReFaWeightQuantizer):
+        unrounded, rounded = quantizer.unrounded_and_rounded(weight)
+        delta = rounded - unrounded
+        step_squared = torch.tensor((2.0 / (2**quantizer.bits - 1)) ** 2)
+    elif isinstance(quantizer, GaussianWeightNoise):
+        error, step = lsq_quantization_error(weight, quantizer.bits)
+        return float(error.pow(2).mean()), float(step.pow(2) / 12)
+    else:
+        raise QuantSpecError(f"no noise model for {type(quantizer).__name__}")
+    return float(delta.var(unbiased=False)), float(step_squared / 12)
