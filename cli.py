@@ -119,7 +119,7 @@ def _build_parser_classes():
             return super().instantiate_trainer(**kwargs)
 
         def _wandb_logger(self, run_dir: str):
-            from lightning.pytorch.loggers import WandbLogger
+            from callbacks.wandb_logger import ResilientWandbLogger
 
             spec = self._get(self.config_init, "quantization").spec
             results = self._get(self.config_init, "results")
@@ -131,9 +131,10 @@ def _build_parser_classes():
             # starting a new one; the evaluation of a run is a run of its own (job_type eval).
             run_id = hashlib.sha1(f"{Path(run_dir).resolve()}:{self.subcommand}".encode()).hexdigest()[:16]
             options: dict[str, Any] = {}
-            if "WANDB_MODE" not in os.environ:
+            if not os.environ.get("WANDB_MODE"):
+                os.environ.pop("WANDB_MODE", None)  # an empty value would make wandb refuse to start
                 options["offline"] = not wandb_is_online()
-            logger = WandbLogger(
+            logger = ResilientWandbLogger(
                 project=os.environ.get("WANDB_PROJECT", "qreg"),
                 name=run_name if self.subcommand == "fit" else f"{run_name}-{self.subcommand}",
                 id=run_id,
