@@ -28,6 +28,7 @@ import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
 from callbacks import QuantizationCallback, ResultsCallback
 from callbacks.checkpoint import RunCheckpoint
+from callbacks.flatness import FlatnessCallback
 from datamodules.corruptions import CorruptionError
 from datamodules.errors import DataError
 from lightning_modules.divergence import TrainingDiverged
@@ -90,6 +91,8 @@ def _build_parser_classes():
     class QregCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(QuantizationCallback, "quantization")
+            # flatness before results: it adds its measures to the rows results writes in one append
+            parser.add_lightning_class_args(FlatnessCallback, "flatness")
             parser.add_lightning_class_args(ResultsCallback, "results")
             parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
             if "verbose" in parser.get_defaults():  # test/validate: qreg prints its own compact table
@@ -298,6 +301,25 @@ def report_command(args: list[str]) -> None:
     print(f"wrote {write_report(config.study_dir, log_to_wandb=config.wandb)}")
 
 
+def theorem_command(args: list[str]) -> None:
+    """Check Theorem 3.1 on trained FP32 runs: measured E[L(w + delta)] - L(w) against its predictions.
+
+    For each bits level, every layer's weights get Gaussian noise of the variance of b-bit quantization noise;
+    the Monte-Carlo loss increase is printed next to Eq. 4's gradient-norm term and the second-order
+    0.5 * sum_l sigma_l^2 tr(H_l), and all three are appended to the run's (or its study's) results store.
+    """
+    from study.theorem import check_runs
+
+    parser = _tool_parser("theorem", theorem_command.__doc__)
+    parser.add_argument("path", help="a run folder (config.yaml + checkpoints/last.ckpt) or a study folder")
+    parser.add_argument("--bits", type=list[int], default=[2, 4, 8])
+    parser.add_argument("--images", type=int, default=256, help="training images the losses are measured on")
+    parser.add_argument("--samples", type=int, default=64, help="Monte-Carlo noise draws per bits level")
+    parser.add_argument("--hessian_samples", type=int, default=16, help="Hutchinson vectors")
+    config = parser.parse_args(args)
+    check_runs(Path(config.path), config.bits, config.images, config.samples, config.hessian_samples)
+
+
 class StudyRunFailed(RuntimeError):
     """Some cells crashed; the study is resumable, so this ends with exit status 1, not a traceback."""
 
@@ -307,6 +329,7 @@ TOOL_COMMANDS = {
     "corruption-grid": corruption_grid_command,
     "study": study_command,
     "report": report_command,
+    "theorem": theorem_command,
 }
 
 

@@ -30,10 +30,13 @@ PREDICTIONS_FILE = "predictions.npz"
 FLOAT_BITS = 32  # how a float (unquantized) tensor's precision is recorded in a results row
 
 
-def split_identity(name: str) -> tuple[str, int]:
-    """'clean' -> ('clean', 0); 'gaussian_noise/3' -> ('gaussian_noise', 3)."""
+def split_identity(name: str) -> tuple[str, str, int]:
+    """'clean' -> ('test', 'clean', 0); 'gaussian_noise/3' -> ('test', 'gaussian_noise', 3);
+    'train' (measures on training images) -> ('train', 'none', 0)."""
+    if name == "train":
+        return "train", "none", 0
     corruption, _, severity = name.partition("/")
-    return corruption, int(severity) if severity else 0
+    return "test", corruption, int(severity) if severity else 0
 
 
 def run_identity(trainer: L.Trainer, pl_module: L.LightningModule, study: str, run: str) -> dict[str, Any]:
@@ -149,19 +152,41 @@ class ResultsCallback(L.Callback):
         identity = run_identity(trainer, pl_module, self.study, self.run_name(trainer))
         rows = []
         for split_name, metrics in results.items():
-            corruption, severity = split_identity(split_name)
+            split, corruption, severity = split_identity(split_name)
             for metric, value in metrics.items():
-                rows.append({**identity, "split": "test", "corruption": corruption, "severity": severity,
+                rows.append({**identity, "split": split, "corruption": corruption, "severity": severity,
                              "metric": metric, "value": value})
         append_rows(self.results_path(trainer), rows)
         predictions = getattr(pl_module, "test_predictions", None)
         if predictions:
             save_predictions(Path(trainer.default_root_dir) / PREDICTIONS_FILE, predictions)
-        accuracy = {name: m["accuracy"] for name, m in results.items() if "accuracy" in m}
+        accuracy = {name: m["accuracy"] for name, m in results.items()
+                    if "accuracy" in m and split_identity(name)[0] == "test"}
         if accuracy:
             print_accuracy_table(accuracy, title=f"{identity['model']} {identity['method']} "
                                  f"W{identity['weight_bits']}A{identity['act_bits']} test accuracy (%)")
             log_wandb_table(trainer, results)
+        map50 = {name: m["map50"] for name, m in results.items() if "map50" in m}
+        if map50 and not accuracy:  # detection: the same table in mAP50, then P / mPC / rPC
+            print_accuracy_table(map50, title=f"{identity['model']} {identity['method']} "
+                                 f"W{identity['weight_bits']}A{identity['act_bits']} test mAP50 (%)")
+            print_detection_summary(map50)
+            log_wandb_table(trainer, results)
+
+
+def print_detection_summary(map50: dict[str, float]) -> None:
+    """P (clean mAP50), mPC (mean over the 15 benchmark corruptions) and rPC = mPC / P, as Pascal-C reports."""
+    from datamodules.corruptions import BENCHMARK_CORRUPTIONS
+
+    benchmark = [v for name, v in map50.items() if name.partition("/")[0] in BENCHMARK_CORRUPTIONS]
+    parts = [f"P {map50[CLEAN]:.2f}"] if CLEAN in map50 else []
+    if benchmark:
+        mpc = sum(benchmark) / len(benchmark)
+        parts.append(f"mPC {mpc:.2f} ({len(benchmark)} splits)")
+        if map50.get(CLEAN):
+            parts.append(f"rPC {100 * mpc / map50[CLEAN]:.1f} %")
+    if parts:
+        print("detection robustness: " + ", ".join(parts))
 
 
 def print_accuracy_table(accuracy: dict[str, float], title: str) -> None:
@@ -171,7 +196,7 @@ def print_accuracy_table(accuracy: dict[str, float], title: str) -> None:
 
     by_corruption: dict[str, dict[int, float]] = {}
     for name, value in accuracy.items():
-        corruption, severity = split_identity(name)
+        _, corruption, severity = split_identity(name)
         by_corruption.setdefault(corruption, {})[severity] = value
     severities = sorted({s for per in by_corruption.values() for s in per if s})
     table = Table(title=title)
@@ -199,4 +224,4 @@ def log_wandb_table(trainer: L.Trainer, results: dict[str, dict[str, float]]) ->
         if isinstance(logger, WandbLogger):
             metrics = sorted({m for values in results.values() for m in values})
             data = [[*split_identity(name), *(values.get(m) for m in metrics)] for name, values in results.items()]
-            logger.log_table(key="test/splits", columns=["corruption", "severity", *metrics], data=data)
+            logger.log_table(key="test/splits", columns=["split", "corruption", "severity", *metrics], data=data)
