@@ -64,6 +64,9 @@ class CellResult:
     scores: dict[str, float] = field(default_factory=dict)  # split name -> accuracy (or mAP50), percent
     metric: str = "accuracy"
     diverged_at: float | None = None
+    test_loss: float | None = None  # on the clean test set
+    train: dict[str, float] = field(default_factory=dict)  # measures on training images (FlatnessCallback)
+    theorem: dict[int, dict[str, float]] = field(default_factory=dict)  # bits -> theorem_* measures
 
     @property
     def experiment(self) -> tuple[str, str]:
@@ -97,15 +100,26 @@ def load_cells(study_dir: Path) -> list[CellResult]:
     except ResultsStoreError as error:
         raise StudyError(f"cannot report on {study_dir}: {error}") from None
     cells: dict[str, CellResult] = {}
-    for row in rows:
+    # A run's identity comes from its evaluation rows; theorem rows reuse weight_bits for the simulated noise.
+    is_primary = [r["metric"] in ("accuracy", "map50", "diverged") for r in rows]
+    ordered = [r for r, p in zip(rows, is_primary, strict=True) if p] + [
+        r for r, p in zip(rows, is_primary, strict=True) if not p]
+    for row in ordered:
         cell = cells.setdefault(row["run"], CellResult(
             row["run"], row["model"], row["dataset"], row["method"], row["weight_bits"], row["act_bits"], row["seed"]))
         split = CLEAN if row["corruption"] == CLEAN else f"{row['corruption']}/{row['severity']}"
-        if row["metric"] == "diverged":
-            cell.diverged_at = row["value"]
-        elif row["metric"] in ("accuracy", "map50") and row["split"] == "test":
-            cell.metric = row["metric"]
-            cell.scores[split] = row["value"]  # a re-evaluation overwrites: the latest row wins
+        metric, value = row["metric"], row["value"]
+        if metric == "diverged":
+            cell.diverged_at = value
+        elif metric.startswith("theorem_"):
+            cell.theorem.setdefault(row["weight_bits"], {})[metric] = value
+        elif row["split"] == "train":
+            cell.train[metric] = value
+        elif metric in ("accuracy", "map50"):
+            cell.metric = metric
+            cell.scores[split] = value  # a re-evaluation overwrites: the latest row wins
+        elif metric == "loss" and split == CLEAN:
+            cell.test_loss = value
     if not any(c.scores or c.diverged_at is not None for c in cells.values()):
         raise StudyError(f"no results in {path}: run the study's cells first (cli.py study --config ...)")
     return list(cells.values())
@@ -349,6 +363,143 @@ def _markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _pm(value: float | None, error: float | None, digits: int = 3) -> str:
+    if value is None or math.isnan(value):
+        return ""
+    return f"{value:.{digits}g}" + ("" if error is None or math.isnan(error) else f" ± {error:.2g}")
+
+
+def generalization_table(study: Study, experiment) -> list[list[Any]]:
+    """Per run: test and train accuracy/loss, their gaps, flatness, and the corrupted-accuracy delta."""
+    baselines = study.baselines(experiment)
+    rows = []
+    cells = sorted((c for c in study.cells if c.experiment == experiment and c.scores),
+                   key=lambda c: (c.method != "fp32", c.method, c.weight_bits, c.seed or 0))
+    for cell in cells:
+        train = cell.train
+        test_acc = cell.scores.get(CLEAN)
+        gap_acc = None if "accuracy" not in train or test_acc is None else train["accuracy"] - test_acc
+        gap_loss = None if "loss" not in train or cell.test_loss is None else cell.test_loss - train["loss"]
+        delta = None if cell.method == "fp32" else study.delta([cell], baselines, None)
+        onset = min_loss_epoch([_epochs(study.directory, cell)])
+        rows.append([cell.method, cell.bits_label, cell.seed, _format(test_acc), _format(train.get("accuracy")),
+                     _format(gap_acc), _format(cell.test_loss, 3), _format(train.get("loss"), 3), _format(gap_loss, 3),
+                     _pm(train.get("sharpness"), train.get("sharpness_stderr")),
+                     _pm(train.get("hessian_trace"), train.get("hessian_trace_stderr")),
+                     "" if onset is None else onset, "" if delta is None else f"{delta.mean:+.2f}"])
+    return rows
+
+
+def method_comparison_figure(study: Study, experiment, path: Path) -> bool:
+    """Delta of the mean corrupted accuracy against bits, one line per method (the matched-noise control
+    beside the quantizers): does quantization regularize more, less or the same as plain noise?"""
+    baselines = study.baselines(experiment)
+    figure = _figure(6.0, 3.8)
+    axis = figure.subplots()
+    drawn = False
+    for method in study.methods(experiment):
+        points = []
+        for cells in study.levels(experiment, method).values():
+            finished = [c for c in cells if c.scores]
+            delta = study.delta(finished, baselines, None) if finished else None
+            if delta is not None:
+                points.append((finished[0].weight_bits, delta))
+        if not points:
+            continue
+        bits = [b for b, _ in points]
+        means = np.array([d.mean for _, d in points])
+        lows = np.array([d.low if not math.isnan(d.low) else d.mean for _, d in points])
+        highs = np.array([d.high if not math.isnan(d.high) else d.mean for _, d in points])
+        axis.errorbar(bits, means, yerr=[means - lows, highs - means], marker="o", capsize=3,
+                      label=METHOD_LABELS.get(method, method))
+        drawn = True
+    if not drawn:
+        return False
+    axis.axhline(0, color="black", linewidth=0.8)
+    axis.set_xlabel("weight bits")
+    axis.set_ylabel("mean corrupted accuracy - FP32 (pp)")
+    axis.set_title(f"{experiment[0]} on {experiment[1]}: methods side by side", fontsize=10)
+    axis.legend(fontsize=7)
+    save_png(figure, path)
+    return True
+
+
+def noise_figure(study: Study, experiment, path: Path) -> bool:
+    """Per-layer-group weight quantization noise variance (last epoch) against bits, log scale, with the
+    uniform-grid expectation 4^-b for reference."""
+    series: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for cell in study.cells:
+        if cell.experiment != experiment or cell.method == "fp32":
+            continue
+        epochs = _epochs(study.directory, cell)
+        if not epochs:
+            continue
+        last = epochs[-1]
+        groups: dict[str, list[float]] = defaultdict(list)
+        for key, value in last.items():
+            if key.startswith("quant_noise/") and key != "quant_noise/mean" and isinstance(value, int | float):
+                groups[key.split("/", 1)[1].split(".")[0]].append(value)
+        for group, values in groups.items():
+            series[(cell.method, group)][cell.weight_bits].append(float(np.mean(values)))
+    if not series:
+        return False
+    figure = _figure(6.5, 4.0)
+    axis = figure.subplots()
+    for (method, group), by_bits in sorted(series.items()):
+        bits = sorted(by_bits)
+        axis.plot(bits, [np.mean(by_bits[b]) for b in bits], marker="o", label=f"{method}: {group}")
+    anchor_bits = min(b for by_bits in series.values() for b in by_bits)
+    anchor = max(np.mean(v[anchor_bits]) for v in series.values() if anchor_bits in v)
+    reference = np.arange(anchor_bits, 9)
+    axis.plot(reference, anchor * 4.0 ** (anchor_bits - reference), "k--", linewidth=0.8, label="4^-b")
+    axis.set_yscale("log")
+    axis.set_xlabel("weight bits")
+    axis.set_ylabel("weight noise variance (last epoch)")
+    axis.set_title(f"{experiment[0]} on {experiment[1]}: quantization noise by layer group", fontsize=10)
+    axis.legend(fontsize=6, ncol=2)
+    save_png(figure, path)
+    return True
+
+
+def theorem_rows(study: Study) -> list[list[Any]]:
+    rows = []
+    for cell in study.cells:
+        for bits, values in sorted(cell.theorem.items()):
+            rows.append([cell.run, bits, _format(values.get("theorem_noise_variance"), 8),
+                         _pm(values.get("theorem_mc_increase"), values.get("theorem_mc_stderr"), 4),
+                         _format(values.get("theorem_gradient_norm_term"), 5),
+                         _pm(values.get("theorem_hessian_term"), values.get("theorem_hessian_stderr"), 4)])
+    return rows
+
+
+def mechanism_section(study: Study, figures: Path, images: dict[str, Path]) -> str:
+    lines = ["## Mechanism: generalization gap, flatness, quantization noise", ""]
+    header = ["method", "precision", "seed", "test acc", "train acc", "gap acc", "test loss", "train loss",
+              "gap loss", "sharpness", "Hessian trace", "val-loss min epoch", "corrupted delta"]
+    lines += ["Train measures use the first training images without augmentation; sharpness (mean loss increase "
+              "under random weight perturbations of relative size rho) and the Hessian trace (Hutchinson) are taken "
+              "on the full-precision function of each model's weights, the landscape Theorem 3.1 is about.", ""]
+    for experiment in study.experiments():
+        model, dataset = experiment
+        lines += [f"### {model} on {dataset}", "", _markdown_table(header, generalization_table(study, experiment)), ""]
+        name = f"methods_{model}_{dataset}.png"
+        if method_comparison_figure(study, experiment, figures / name):
+            images[name] = figures / name
+            lines.append(f"![methods side by side](figures/{name})\n")
+        name = f"noise_{model}_{dataset}.png"
+        if noise_figure(study, experiment, figures / name):
+            images[name] = figures / name
+            lines.append(f"![quantization noise against bits](figures/{name})\n")
+    theorem = theorem_rows(study)
+    if theorem:
+        lines += ["### Theorem 3.1", "", "E[L(w + delta)] - L(w) measured by Monte Carlo with each layer's delta of "
+                  "the variance of b-bit quantization noise, beside Eq. 4's gradient-norm term (derived for squared "
+                  "error) and the second-order term 0.5 sum_l sigma_l^2 tr(H_l) (cross-entropy).", "",
+                  _markdown_table(["run", "bits", "mean sigma^2", "measured increase", "Eq. 4 term",
+                                   "0.5 sum sigma^2 tr(H)"], theorem), ""]
+    return "\n".join(lines)
+
+
 def write_report(study_dir: str | Path, log_to_wandb: bool = True) -> Path:
     """Write `<study dir>/report/` and return the path of report.md."""
     study_dir = Path(study_dir)
@@ -399,6 +550,7 @@ def write_report(study_dir: str | Path, log_to_wandb: bool = True) -> Path:
             section += [f"![{title}](figures/{name})\n", f"![validation loss](figures/{loss_name})\n"]
         sections.append("\n".join(section))
     detection = _detection_table(study)
+    sections.append(mechanism_section(study, figures, images))
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "table1.csv", table1_header, table1)
     _write_csv(out / "deltas.csv", ["model", "dataset", "method", "precision", "split", "delta", "low", "high"],

@@ -144,3 +144,34 @@ def test_report_bad_input_is_one_line_exit_2(tmp_path, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(errors) == 3 and all(line.startswith("qreg: error:") for line in errors)
     assert "no study folder" in errors[0] and "no results file" in errors[1] and "no results in" in errors[2]
+
+
+def test_mechanism_section_from_train_theorem_and_noise_rows(tmp_path):
+    fabricate(tmp_path, 80.0, {2: 78.0, 8: 81.0})
+    extra = []
+    for run, method, bits, train_acc in (("fp32-seed0", "fp32", 32, 99.0), ("lsq-w8a8-seed0", "lsq", 8, 97.0)):
+        identity = dict(run=run, study="fab", model="resnet20", dataset="cifar10", method=method, weight_bits=bits,
+                        act_bits=bits, seed=0, split="train", corruption="none", severity=0)
+        extra += [{**identity, "metric": "accuracy", "value": train_acc},
+                  {**identity, "metric": "sharpness", "value": 0.25}, {**identity, "metric": "hessian_trace",
+                                                                         "value": 40.0}]
+    for bits, variance in ((2, 1e-3), (8, 4e-6)):
+        identity = dict(run="fp32-seed0", study="fab", model="resnet20", dataset="cifar10", method="fp32",
+                        weight_bits=bits, act_bits=32, seed=0, split="train", corruption="none", severity=0)
+        extra += [{**identity, "metric": "theorem_noise_variance", "value": variance},
+                  {**identity, "metric": "theorem_mc_increase", "value": 0.5 * bits},
+                  {**identity, "metric": "theorem_hessian_term", "value": 0.4 * bits}]
+    append_rows(tmp_path / "results.jsonl", extra)
+    for run, noise in (("lsq-w2a2-seed0", 1e-3), ("lsq-w8a8-seed0", 1e-5)):
+        path = tmp_path / "cells" / run / "metrics.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"epoch": 0, "val/loss": 1.0, "quant_noise/layer1.0.conv1": noise,
+                                    "quant_noise/layer2.0.conv1": noise / 2, "quant_noise/mean": noise}) + "\n")
+    text = write_report(tmp_path, log_to_wandb=False).read_text()
+    assert "| fp32 | FP32 | 0 | 92.00 | 99.00 | 7.00 |" in text  # gap = train - test accuracy
+    assert "| lsq | W8A8 | 0 | 92.80 | 97.00 | 4.20 |" in text
+    assert "| fp32-seed0 | 2 | 0.00100000 | 1 |" in text and "### Theorem 3.1" in text
+    assert (tmp_path / "report" / "figures" / "noise_resnet20_cifar10.png").exists()
+    assert (tmp_path / "report" / "figures" / "methods_resnet20_cifar10.png").exists()
+    # the theorem rows did not change the FP32 run's identity (weight_bits 32 in Table 1)
+    assert "| resnet20 | cifar10 | fp32 | FP32 | 1 | 92.00 |" in text
