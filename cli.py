@@ -22,6 +22,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
 # Imported for their side effect too: LightningCLI resolves short class names (DigitsDataModule,
 # ClassificationModule) among the subclasses already imported.
 import datamodules  # noqa: F401
@@ -49,6 +51,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 )
 RUNS_DIR = "runs"
 EXIT_DIVERGED = 3  # the loss became NaN/inf: a result, not a crash (a study records it and goes on)
+EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
 
 
 def wandb_is_online() -> bool:
@@ -383,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"qreg: error: {_one_line(mistake)}", file=sys.stderr)
         return 2
+    except SIGTERMException:
+        print("qreg: stopped by SIGTERM; the run's checkpoints/last.ckpt holds its progress: resume with "
+              "--ckpt_path <run>/checkpoints/last.ckpt", file=sys.stderr)
+        return EXIT_SIGTERM
     except SystemExit as done:  # --help and --print_config end this way
         return done.code if isinstance(done.code, int) else int(done.code is not None)
     return 0

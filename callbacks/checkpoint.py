@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -26,3 +27,9 @@ class RunCheckpoint(ModelCheckpoint):
         if self.dirpath is None:
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
         super().setup(trainer, pl_module, stage)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Preemption (SIGTERM, e.g. a cluster's time limit): keep the progress of the interrupted epoch in
+        # last.ckpt; a resumed run continues at the next batch (see EpochShuffleSampler).
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and self.save_last:
+            trainer.save_checkpoint(os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION))

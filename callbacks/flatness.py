@@ -39,8 +39,8 @@ class FlatnessCallback(L.Callback):
         hessian_samples: Rademacher vectors averaged for the Hessian trace.
     """
 
-    def __init__(self, enabled: bool = True, images: int = 512, rho: float = 0.05, samples: int = 8,
-                 hessian_samples: int = 8) -> None:
+    def __init__(self, enabled: bool = True, images: int = 256, rho: float = 0.05, samples: int = 8,
+                 hessian_samples: int = 4) -> None:
         super().__init__()
         self.enabled, self.images, self.rho = enabled, images, rho
         self.samples, self.hessian_samples = samples, hessian_samples

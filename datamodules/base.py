@@ -7,13 +7,14 @@ batch on the accelerator (the airbench recipe). Corrupted test splits reuse the 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.corruptions.splits import (
     CIFARCRelease,
@@ -55,6 +56,33 @@ class ArrayImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.__getitems__([index])
         return images[0], labels[0]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A fresh permutation every epoch, a function of (seed, epoch) only, that can resume mid-epoch.
+
+    The order does not depend on the global RNG, so a run resumed from a checkpoint sees exactly the batches
+    an uninterrupted run would: `resume_at(n)` drops the first n indices of the next epoch's permutation
+    once (the ones the interrupted run already trained on). Lightning calls `set_epoch` every epoch.
+    """
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size, self.seed, self.epoch, self._skip = size, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume_at(self, samples: int) -> None:
+        self._skip = samples
+
+    def __iter__(self):
+        seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed)).tolist()
+        skip, self._skip = self._skip, 0
+        return iter(order[skip:])
+
+    def __len__(self) -> int:
+        return self.size
 
 
 def progress_bar(disable: bool = False):
@@ -192,14 +220,35 @@ class ImageClassificationDataModule(L.LightningDataModule):
         """Names of the test dataloaders, in dataloader_idx order."""
         return list(self.test_sets) or ["clean"]
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False,
+                sampler: Sampler | None = None) -> DataLoader:
+        # Every DataLoader iterator draws a worker seed from its generator, which defaults to the global RNG:
+        # a resumed run creates iterators an uninterrupted one does not (the sanity check), so give each
+        # loader its own generator and keep the global RNG for the augmentation alone.
         return DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=keep_batch,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            sampler=sampler, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0))),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=True)
+        sampler = EpochShuffleSampler(len(self.train_set), seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        sampler.resume_at(self._completed_batches_in_epoch() * self.batch_size)
+        return self._loader(self.train_set, self.batch_size, shuffle=False, drop_last=True, sampler=sampler)
+
+    def _completed_batches_in_epoch(self) -> int:
+        """Batches of the current epoch a resumed run already trained on: >0 only for a mid-epoch checkpoint."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.fit_loop.restarting or trainer.world_size > 1:
+            # Under DDP the distributed sampler splits our order across ranks; a mid-epoch resume there
+            # restarts the epoch's data (the epoch count and weights are still exact).
+            return 0
+        per_epoch = len(self.train_set) // self.batch_size
+        limit = trainer.limit_train_batches
+        if limit is not None:
+            per_epoch = min(per_epoch, limit) if isinstance(limit, int) else int(per_epoch * limit)
+        completed = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return completed if 0 < completed < per_epoch else 0  # an end-of-epoch checkpoint starts a new epoch
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False)

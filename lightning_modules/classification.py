@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.divergence import check_finite_loss
 from lightning_modules.models import build_model
+from lightning_modules.rng import RNG_KEY, restore_rng_states, rng_states
 from quantizers import CHECKPOINT_KEY, QuantSpec, parameter_groups, quantize_model
 from study.metrics import corruption_means
 
@@ -50,7 +51,12 @@ class ClassificationModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.net = build_model(model, num_classes)
+        # Epoch accumulators of the training metrics live in the checkpoint (persistent), so a run resumed in the
+        # middle of an epoch reports the same epoch loss and accuracy as an uninterrupted one.
+        self.train_loss = MeanMetric()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.train_loss.persistent(True)
+        self.train_acc.persistent(True)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = nn.ModuleList()
         self.test_loss = nn.ModuleList()
@@ -68,10 +74,15 @@ class ClassificationModule(L.LightningModule):
             self.net.compile()
             self._compiled = True
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RNG_KEY] = rng_states()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         spec = checkpoint.get(CHECKPOINT_KEY)
         if spec is not None:
             quantize_model(self.net, QuantSpec.from_dict(spec))
+        if RNG_KEY in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+            restore_rng_states(checkpoint[RNG_KEY])
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -79,7 +90,8 @@ class ClassificationModule(L.LightningModule):
         loss = F.cross_entropy(logits, labels)
         check_finite_loss(self, loss)
         self.train_acc(logits, labels)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.train_loss(loss.detach(), weight=len(labels))
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 

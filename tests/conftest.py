@@ -39,6 +39,7 @@ def digits_fast_args(tmp_path) -> list[str]:
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
         "--data.init_args.corrupted_test.corruptions", "[]",
+        "--flatness.enabled", "false",
     ]
 
 
