@@ -46,7 +46,12 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates; nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
+class ConfigFileError(ValueError):
+    """A config file that is not valid YAML."""
+
+
 USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigFileError,
     QuantSpecError, DataError, CorruptionError, UnknownModelError, ResultsStoreError, StudyError, FileNotFoundError,
 )
 RUNS_DIR = "runs"
@@ -72,6 +77,13 @@ def _default_run_dir(config: Any, subcommand: str) -> str:
         return str(Path(ckpt_path).parent.parent)
     configs = config.get("config") or []
     stem = Path(str(configs[0])).stem if configs else "run"
+    # Under SLURM the folder is named after the job, which a requeue keeps: the requeued job finds its own
+    # hpc checkpoint there and continues the same W&B run.
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        return str(Path(RUNS_DIR) / f"{stem}-slurm{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', 0)}")
+    if env.get("SLURM_JOB_ID"):
+        return str(Path(RUNS_DIR) / f"{stem}-slurm{env['SLURM_JOB_ID']}")
     return str(Path(RUNS_DIR) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
@@ -336,6 +348,21 @@ TOOL_COMMANDS = {
 }
 
 
+def check_config_files(args: list[str]) -> None:
+    """Read every `--config` file first, so a YAML syntax error names its file and line."""
+    import yaml
+
+    for flag, value in zip(args, args[1:], strict=False):
+        if flag == "--config" and Path(value).is_file():
+            try:
+                yaml.safe_load(Path(value).read_text())
+            except yaml.YAMLError as error:
+                mark = getattr(error, "problem_mark", None)
+                where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+                problem = getattr(error, "problem", None) or "cannot be parsed"
+                raise ConfigFileError(f"{value} is not valid YAML{where}: {problem}") from None
+
+
 def _one_line(error: BaseException) -> str:
     text = re.sub(r"\s+", " ", str(error).strip() or type(error).__name__)
     # jsonargparse explains a bad choice inside a long union report; keep only the part a user needs.
@@ -369,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     args = list(sys.argv[1:] if argv is None else argv)
     try:
+        check_config_files(args)
         if args and args[0] in TOOL_COMMANDS:
             TOOL_COMMANDS[args[0]](args[1:])
         else:

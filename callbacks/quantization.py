@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
@@ -99,6 +100,21 @@ class QuantizationCallback(L.Callback):
         if noise:
             metrics["quant_noise/mean"] = sum(v for v, _ in noise.values()) / len(noise)
         pl_module.log_dict(metrics, on_epoch=True, sync_dist=False)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        """Under DDP, check that every rank ends with the same quantizer state (steps, alphas, init flags)."""
+        net = _network(pl_module)
+        if trainer.world_size < 2 or not applied_spec(net).quantized:
+            return
+        state = torch.cat([t.detach().float().flatten() for name, t in net.state_dict().items()
+                           if "quantizer" in name] or [torch.zeros(1)]).to(pl_module.device)
+        gathered = pl_module.all_gather(state)
+        difference = (gathered - gathered[0]).abs().max().item()
+        if difference == 0:
+            rank_zero_info(f"quantization: quantizer state identical on {trainer.world_size} ranks "
+                           f"({state.numel()} values)")
+        else:
+            rank_zero_warn(f"quantization: quantizer state differs across ranks (max difference {difference:.3g})")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = applied_spec(_network(pl_module)).to_dict()
