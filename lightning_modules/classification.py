@@ -84,6 +84,14 @@ class ClassificationModule(L.LightningModule):
         if RNG_KEY in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
             restore_rng_states(checkpoint[RNG_KEY])
 
+    def on_train_epoch_start(self) -> None:
+        # The persistent epoch accumulators come back from any checkpoint; keep them only when resuming in the
+        # middle of an epoch (an end-of-epoch checkpoint holds the finished epoch's totals).
+        completed = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if not 0 < completed < self.trainer.num_training_batches:
+            self.train_loss.reset()
+            self.train_acc.reset()
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
