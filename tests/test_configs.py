@@ -37,3 +37,15 @@ def test_paper_config_resolves_to_its_name(config, capsys):
         assert resolved["quantization"]["weight_bits"] == int(expected["bits"])
     assert resolved["trainer"]["max_epochs"] == 200
     assert resolved["model"]["init_args"]["lr"] == 0.1 and resolved["model"]["init_args"]["weight_decay"] == 1e-4
+
+
+STUDIES = sorted((REPO / "configs" / "study").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.stem)
+def test_shipped_study_configs_expand(study, tmp_path, capsys):
+    """Every shipped study parses, finds its base configs and expands its grid (written as a SLURM array)."""
+    assert run_cli("study", "--config", str(study), "--executor", "slurm", "--output_dir", str(tmp_path)) == 0
+    script = (tmp_path / "slurm" / "cells.sbatch").read_text()
+    cells = [line for line in script.splitlines() if line.startswith("#   ")]
+    assert len(cells) >= 4 and any("fp32-seed0" in line for line in cells)
