@@ -1,0 +1,55 @@
+"""A NaN/inf loss stops the run with one line naming the step and the culprit, is recorded, and never stops a study."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+from conftest import REPO, run_cli
+from lightning_modules.divergence import first_non_finite
+from study.store import read_rows
+
+
+def test_diverged_run_exits_3_names_the_step_and_is_recorded(digits_fast_args, tmp_path, capsys):
+    status = run_cli("fit", *digits_fast_args, "--quantization.method", "lsq", "--quantization.weight_bits", "2",
+                     "--model.init_args.lr", "1e30")
+    assert status == 3
+    err = [line for line in capsys.readouterr().err.splitlines() if "qreg:" in line]
+    assert len(err) == 1 and "training diverged at step" in err[0] and "lower the learning rate" in err[0]
+    (row,) = [r for r in read_rows(tmp_path / "run" / "results.jsonl") if r["metric"] == "diverged"]
+    assert row["method"] == "lsq" and row["weight_bits"] == 2 and row["split"] == "train"
+
+
+def test_first_non_finite_names_quantizer_state_first():
+    from lightning_modules.models import build_model
+    from quantizers import QuantSpec, quantize_model
+
+    net = quantize_model(build_model("resnet20", 10), QuantSpec(method="lsq", weight_bits=4))
+    assert first_non_finite(net) is None
+    with torch.no_grad():
+        net.layer2[0].conv1.weight.fill_(float("nan"))
+        net.layer3[1].conv2.weight_quantizer.step.fill_(float("inf"))
+    assert first_non_finite(net) == "layer3.1.conv2.weight_quantizer.step"
+
+
+def test_a_diverged_cell_does_not_stop_the_study(tmp_path):
+    study = tmp_path / "study.yaml"
+    study.write_text(f"""name: diverging
+base: [{REPO / 'configs' / 'digits_resnet20_fp32.yaml'}]
+methods: [{{method: fp32}}, {{method: lsq, bits: [2]}}]
+output_dir: {tmp_path / 'out'}
+args: ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+       "--trainer.enable_progress_bar", "false", "--data.init_args.corrupted_test.corruptions", "[]",
+       "--flatness.enabled", "false", "--model.init_args.lr", "1e30"]
+""")
+    done = subprocess.run([sys.executable, "cli.py", "study", "--config", str(study)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                                                                             "WANDB_MODE": "disabled"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = read_rows(tmp_path / "out" / "results.jsonl")
+    assert {r["run"] for r in rows if r["metric"] == "diverged"} == {"fp32-seed0", "lsq-w2a2-seed0"}
+    assert "diverged" in done.stdout
+    report = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "Diverged runs" in report and "lsq-w2a2-seed0 (step" in report
