@@ -90,5 +90,6 @@ def test_cli_runs_as_a_script(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert rows and all(r["method"] == "lsq" for r in rows)
-    splits = {(r["corruption"], r["severity"]) for r in rows}
+    splits = {(r["corruption"], r["severity"]) for r in rows if r["split"] == "test"}
     assert splits == {("clean", 0)} | {("motion_blur", severity) for severity in range(1, 6)}
+    assert {(r["corruption"], r["severity"]) for r in rows if r["split"] == "train"} == {("none", 0)}

@@ -117,10 +117,11 @@ def test_study_killed_mid_cell_resumes_without_rerunning_or_duplicating(tmp_path
     assert "fp32-seed0" in done.stdout and "skipped" in done.stdout
     assert (out / "cells" / "fp32-seed0" / "metrics.jsonl").read_text() == finished_first  # not rerun
     rows = read_rows(out / "results.jsonl")
-    keys = [(r["run"], r["corruption"], r["severity"], r["metric"]) for r in rows]
+    keys = [(r["run"], r["split"], r["corruption"], r["severity"], r["metric"]) for r in rows]
     assert len(keys) == len(set(keys))  # nothing duplicated
     for run in ("fp32-seed0", "lsq-w4a4-seed0"):
-        assert {(c, s) for r, c, s, m in keys if r == run and m == "accuracy"} == {("clean", 0), ("fog", 3)}
+        tested = {(c, s) for r, split, c, s, m in keys if r == run and split == "test" and m == "accuracy"}
+        assert tested == {("clean", 0), ("fog", 3)}
     epochs = [line for line in (second_cell / "metrics.jsonl").read_text().splitlines() if line]
     assert len({__import__("json").loads(line)["epoch"] for line in epochs}) == 3
 
