@@ -1,15 +1,21 @@
-"""DataModules: CIFAR-10/100, the embedded digits default, and (under corruptions/) the corruption engine."""
+"""DataModules: CIFAR-10/100, the embedded digits default, Pascal VOC detection and synthetic rectangles, and
+(under corruptions/) the corruption engine."""
 
 from datamodules.base import ArrayImageDataset, ImageClassificationDataModule
 from datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule
 from datamodules.digits import DigitsDataModule
 from datamodules.errors import DataError
+from datamodules.synthetic_boxes import RectanglesDataModule
+from datamodules.voc import DetectionDataModule, VOCDataModule
 
 __all__ = [
     "ArrayImageDataset",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "DataError",
+    "DetectionDataModule",
     "DigitsDataModule",
     "ImageClassificationDataModule",
+    "RectanglesDataModule",
+    "VOCDataModule",
 ]

@@ -63,7 +63,9 @@ class DetectionModule(L.LightningModule):
         model: yolov5n (or another YOLOv5 scale; ultralytics builds the anchor-free v5u variant).
         num_classes: set from the DataModule by the CLI.
         pretrained: a local weights file (ultralytics .pt, qreg checkpoint or state_dict) whose tensors of
-            matching name and shape are copied in; never downloaded. None trains from scratch.
+            matching name and shape are copied in before the quantization swap; never downloaded. None trains
+            from scratch. (It is read again whenever the module is built, also by `load_from_checkpoint`,
+            whose weights then replace it: pass `pretrained=None` there if the file is gone.)
         optimizer: sgd (ultralytics' choice for long runs) or adamw.
         lr, lrf, momentum: initial learning rate, final lr as a fraction of it (linear decay over
             trainer.max_epochs), SGD momentum (AdamW beta1).
@@ -235,8 +237,10 @@ class DetectionModule(L.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _lr_factor(self, epoch: float) -> float:
-        epochs = max(1, self.trainer.max_epochs or 1)
-        return (1 - epoch / epochs) * (1.0 - self.hparams.lrf) + self.hparams.lrf
+        epochs = self.trainer.max_epochs
+        if not epochs or epochs < 1:  # no fixed length (max_epochs -1): no decay
+            return 1.0
+        return (1 - min(epoch, epochs) / epochs) * (1.0 - self.hparams.lrf) + self.hparams.lrf
 
     def _schedule(self, batch_idx: int) -> None:
         """ultralytics' schedule: linear lr decay per epoch, and a linear warm-up per step."""

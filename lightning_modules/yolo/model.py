@@ -73,7 +73,9 @@ def check_quantization_policy(net: nn.Module) -> None:
     collapses (configs/quant/yolo_*.yaml exclude it)."""
     if not applied_spec(net).quantized:
         return
-    quantized = [n for n, m in net.named_modules() if isinstance(m, QuantConv2d) and fnmatch.fnmatchcase(n, DFL_CONV_PATTERN)]
+    quantized = [
+        n for n, m in net.named_modules() if isinstance(m, QuantConv2d) and fnmatch.fnmatchcase(n, DFL_CONV_PATTERN)
+    ]
     if quantized:
         raise QuantSpecError(
             f"the DFL conv ({quantized[0]}) must stay in float: add exclude: ['{DFL_CONV_PATTERN}'] to the "
@@ -105,11 +107,13 @@ def load_pretrained(net: nn.Module, path: str) -> tuple[int, int]:
     """
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"pretrained weights not found: {file} (give a local file; qreg never downloads weights)")
+        raise FileNotFoundError(
+            f"pretrained weights not found: {file} (give a local file; qreg never downloads weights)"
+        )
     import_ultralytics()  # an ultralytics .pt unpickles ultralytics classes
     try:
         obj = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to the user
+    except Exception as error:  # any unpickling failure means the same to the user
         raise DataError(f"cannot read pretrained weights {file}: {error}") from None
     state = _state_dict_of(obj, file)
     own = net.state_dict()

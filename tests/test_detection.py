@@ -1,0 +1,452 @@
+"""Detection: YOLOv5n (ultralytics' YOLOv5u) on synthetic rectangles and VOC-layout files, on CPU, in seconds.
+
+Covers the quantization policy on the real module names, the batch format, the letterbox and the corrupted
+splits (native resolution, boxes unchanged, deterministic per image), NMS without a time limit, difficult
+objects ignored by mAP, FP32 and LSQ W8A8 learning the rectangles (mAP50 > 50 %), a quantized checkpoint
+reproducing its mAP through `cli.py test --ckpt_path`, local pretrained weights, and bad input ending in one
+line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(tempfile.gettempdir()) / "qreg-yolo-settings"))
+os.environ.setdefault("YOLO_OFFLINE", "true")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from torch import nn  # noqa: E402
+
+from callbacks import read_epoch_metrics  # noqa: E402
+from conftest import REPO, SHARED_DATA, run_cli  # noqa: E402
+from datamodules import DataError, RectanglesDataModule, VOCDataModule  # noqa: E402
+from datamodules.corruptions.splits import CorruptedTest  # noqa: E402
+from datamodules.voc import DetectionDataset, DetectionRecord, detection_collate, letterbox  # noqa: E402
+from lightning_modules import DetectionModule  # noqa: E402
+from lightning_modules.yolo import (  # noqa: E402
+    check_quantization_policy,
+    head_output_convs,
+    non_max_suppression,
+    to_original_coordinates,
+)
+from quantizers import LSQQuantizer, QuantConv2d, QuantSpec, QuantSpecError, quantize_model  # noqa: E402
+from study.store import read_rows  # noqa: E402
+
+NO_CORRUPTIONS = ["--data.init_args.corrupted_test.corruptions", "[]"]
+CORRUPTIONS = ["--data.init_args.corrupted_test.corruptions", "[gaussian_noise, fog]",
+               "--data.init_args.corrupted_test.severities", "[3]"]
+QUANT = REPO / "configs" / "quant"
+# What makes the rectangles learnable in 8 epochs on CPU (docs/detection.md): BatchNorm momentum 0.1, one
+# warm-up epoch, no augmentation, 128 px.
+FAST_TRAINING = [
+    "--data", "RectanglesDataModule",
+    "--model", "DetectionModule",
+    "--model.init_args.bn_momentum", "0.1",
+    "--model.init_args.warmup_epochs", "1",
+    "--model.init_args.warmup_min_steps", "0",
+    "--data.init_args.augment", "false",
+    "--trainer.max_epochs", "8",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+    *NO_CORRUPTIONS,
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two OpenMP threads under load ran YOLO 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def quant_fragment(name: str) -> dict:
+    return yaml.safe_load((REPO / "configs" / "quant" / f"{name}.yaml").read_text())
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+
+def test_yolov5n_is_the_anchor_free_v5u_with_the_expected_layers():
+    module = DetectionModule(num_classes=20)
+    net = module.net
+    assert module.hparams["model"] == "yolov5n"
+    assert sum(p.numel() for p in net.parameters()) == 2_512_364  # YOLOv5u, 20 classes (v5 anchor-based: 1.79 M)
+    assert type(net.model[-1]).__name__ == "Detect" and net.model[-1].reg_max == 16
+    assert sorted(head_output_convs(net)) == [f"model.24.cv{b}.{i}.2" for b in (2, 3) for i in range(3)]
+    from ultralytics.nn.modules import Conv
+
+    assert sum(isinstance(m, Conv) for m in net.modules()) == 69
+    assert isinstance(net.get_submodule("model.24.dfl.conv"), nn.Conv2d)
+
+
+def test_lsq_policy_keeps_dfl_float_and_head_outputs_at_8_bits():
+    net = DetectionModule(num_classes=20).net
+    quantize_model(net, QuantSpec(**quant_fragment("yolo_lsq4")))
+    assert type(net.get_submodule("model.24.dfl.conv")) is nn.Conv2d  # not swapped at all
+    heads = head_output_convs(net)
+    assert len(heads) == 6
+    for layer in heads.values():
+        assert isinstance(layer, QuantConv2d)
+        assert layer.weight_quantizer.bits == 8 and layer.input_quantizer.bits == 8 and layer.input_quantizer.signed
+    first = net.get_submodule("model.0.conv")
+    assert first.weight_quantizer.bits == 8 and first.input_quantizer is None  # the image is not quantized
+    body = [m for n, m in net.named_modules() if isinstance(m, QuantConv2d) and n not in heads and n != "model.0.conv"]
+    assert len(body) == 68  # the other Conv-block convs, each with its own signed 4-bit input quantizer
+    assert all(m.weight_quantizer.bits == 4 and isinstance(m.input_quantizer, LSQQuantizer) for m in body)
+    assert all(m.input_quantizer.signed for m in body)
+    assert len({id(m.input_quantizer) for m in body}) == 68
+    check_quantization_policy(net)
+
+
+def test_dorefa_policy_quantizes_weights_only_and_keeps_the_heads_float():
+    net = DetectionModule(num_classes=20).net
+    quantize_model(net, QuantSpec(**quant_fragment("yolo_dorefa4")))
+    assert type(net.get_submodule("model.24.dfl.conv")) is nn.Conv2d
+    assert all(type(m) is nn.Conv2d for m in head_output_convs(net).values())
+    swapped = [m for m in net.modules() if isinstance(m, QuantConv2d)]
+    assert len(swapped) == 69 and all(m.input_quantizer is None for m in swapped)
+
+
+def test_a_quantized_dfl_conv_is_refused():
+    net = DetectionModule(num_classes=3).net
+    quantize_model(net, QuantSpec(method="lsq", weight_bits=4, act_signed=True))
+    with pytest.raises(QuantSpecError, match="DFL conv"):
+        check_quantization_policy(net)
+
+
+def test_pretrained_weights_come_from_a_local_file_only(tmp_path):
+    source = DetectionModule(num_classes=3)
+    path = tmp_path / "weights.pt"
+    torch.save(source.net.state_dict(), path)
+    loaded = DetectionModule(num_classes=3, pretrained=str(path))
+    for key, value in source.net.state_dict().items():
+        assert torch.equal(value, loaded.net.state_dict()[key])
+    other = DetectionModule(num_classes=5, pretrained=str(path))  # another head: the rest is copied
+    assert torch.equal(other.net.model[0].conv.weight, source.net.model[0].conv.weight)
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        DetectionModule(num_classes=3, pretrained=str(tmp_path / "yolov5nu.pt"))
+
+
+# ----------------------------------------------------------------------------------------------- the data
+
+
+def test_batches_are_in_ultralytics_format_and_keep_the_native_ground_truth():
+    data = RectanglesDataModule(source_size=96, image_size=128, augment=False, corrupted_test=CorruptedTest([]))
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch["img"].shape == (16, 3, 128, 128) and batch["img"].dtype == torch.uint8
+    assert batch["bboxes"].dtype == torch.float32 and batch["cls"].shape == (len(batch["bboxes"]), 1)
+    assert batch["batch_idx"].shape == (len(batch["bboxes"]),)
+    assert 0 <= batch["bboxes"].min() and batch["bboxes"].max() <= 1
+    # normalised cx, cy, w, h -> letterboxed pixels -> native pixels gives back the original boxes
+    for i in range(4):
+        mine = batch["batch_idx"] == i
+        cx, cy, w, h = (batch["bboxes"][mine] * 128).T
+        xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=1)
+        native = to_original_coordinates(xyxy, batch["ratio_pad"][i], batch["ori_shape"][i])
+        torch.testing.assert_close(native, batch["ori_boxes"][i], atol=1e-3, rtol=0)
+
+
+def test_letterbox_keeps_the_aspect_ratio_and_centres():
+    image = np.zeros((100, 200, 3), np.uint8)
+    out, scale, (left, top) = letterbox(image, 64)
+    assert out.shape == (64, 64, 3) and scale == 0.32 and (left, top) == (0, 16)
+    assert (out[:16] == 114).all() and (out[16:48] == 0).all() and (out[48:] == 114).all()
+
+
+def test_augmentation_moves_boxes_with_the_image_and_is_reproducible():
+    data = RectanglesDataModule(corrupted_test=CorruptedTest([]))
+    data.setup("fit")
+    torch.manual_seed(3)
+    first = [data.train_set[i] for i in range(8)]
+    torch.manual_seed(3)
+    data.train_set._transform = None
+    second = [data.train_set[i] for i in range(8)]
+    pairs = zip(first, second, strict=True)
+    assert all(torch.equal(a["img"], b["img"]) and torch.equal(a["bboxes"], b["bboxes"]) for a, b in pairs)
+    plain = DetectionDataset(data.train_set.records, 128, data.load_image)  # letterbox only
+    assert sum(not torch.equal(a["bboxes"], plain[i]["bboxes"]) for i, a in enumerate(first)) >= 6
+    for sample in first:  # every surviving box still covers its rectangle's colour
+        image = sample["img"].permute(1, 2, 0).numpy().astype(int)
+        for (cx, cy, w, h), cls in zip(sample["bboxes"].numpy() * 128, sample["cls"].numpy(), strict=True):
+            patch = image[int(cy - h / 4) : int(cy + h / 4) + 1, int(cx - w / 4) : int(cx + w / 4) + 1]
+            assert patch.reshape(-1, 3).mean(0).argmax() == cls or w < 8 or h < 8
+
+
+def test_corrupted_splits_corrupt_native_images_deterministically_and_keep_boxes():
+    settings = CorruptedTest(["gaussian_noise", "fog"], [1, 5], profile="imagenet", seed=7)
+    data = RectanglesDataModule(test_size=6, corrupted_test=settings)
+    data.setup("test")
+    assert data.test_split_names == ["clean", "gaussian_noise/1", "gaussian_noise/5", "fog/1", "fog/5"]
+    clean, noisy = data.test_sets["clean"][2], data.test_sets["gaussian_noise/5"][2]
+    assert not torch.equal(clean["img"], noisy["img"])
+    assert torch.equal(clean["ori_boxes"], noisy["ori_boxes"]) and torch.equal(clean["bboxes"], noisy["bboxes"])
+    again = RectanglesDataModule(test_size=6, corrupted_test=settings)
+    again.setup("test")
+    assert torch.equal(again.test_sets["gaussian_noise/5"][2]["img"], noisy["img"])
+    # the corruption is applied before the letterbox: it equals corrupting the native image with index=2
+    from datamodules.corruptions import corrupt
+
+    native = data.load_image(data.test_sets["clean"].records[2].image)
+    expected, _, _ = letterbox(corrupt(native, "gaussian_noise", 5, "imagenet", 7, index=2), 128)
+    assert torch.equal(noisy["img"], torch.from_numpy(expected).permute(2, 0, 1))
+    assert VOCDataModule.__init__.__defaults__ is not None  # VOC defaults to the imagenet profile, all 19 x 5
+    default = RectanglesDataModule().corrupted_test
+    assert default.profile == "imagenet" and len(default.splits()) == 95
+
+
+# ------------------------------------------------------------------------------------------ NMS and mAP
+
+
+def test_nms_matches_ultralytics_without_a_time_limit():
+    from ultralytics.utils.nms import non_max_suppression as ultralytics_nms
+
+    torch.manual_seed(0)
+    boxes = torch.cat([torch.rand(2, 2, 3000) * 300 + 20, torch.rand(2, 2, 3000) * 60 + 5], dim=1)
+    prediction = torch.cat([boxes, torch.rand(2, 4, 3000) ** 4], dim=1)  # many candidates, 4 classes
+    ours = non_max_suppression(prediction, 0.001, 0.7, max_det=300)
+    theirs = ultralytics_nms(prediction, 0.001, 0.7, multi_label=True, max_det=300, max_time_img=1e9)
+    for a, b in zip(ours, theirs, strict=True):
+        assert len(a) == len(b) == 300
+        torch.testing.assert_close(a[:, 4].sort(descending=True).values, b[:, 4].sort(descending=True).values)
+
+
+def test_difficult_objects_are_ignored_by_map():
+    module = DetectionModule(num_classes=3)
+    metric = module._new_map()
+    targets = [{"boxes": torch.tensor([[10.0, 10, 50, 50], [60, 60, 90, 90]]), "labels": torch.tensor([0, 1]),
+                "iscrowd": torch.tensor([0, 1])}]
+    found_easy = {"boxes": torch.tensor([[10.0, 10, 50, 50]]), "scores": torch.tensor([0.9]),
+                  "labels": torch.tensor([0])}
+    metric.update([found_easy], targets)  # missing the difficult object costs nothing
+    assert metric.compute()["map_50"].item() == pytest.approx(1.0)
+    metric.reset()
+    both = {"boxes": torch.tensor([[60.0, 60, 90, 90], [10, 10, 50, 50]]), "scores": torch.tensor([0.95, 0.9]),
+            "labels": torch.tensor([1, 0])}
+    metric.update([both], targets)  # and finding it is no false positive
+    assert metric.compute()["map_50"].item() == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+@pytest.fixture(scope="module")
+def trained_study(tmp_path_factory) -> Path:
+    """FP32 and LSQ W8A8 fitted on the rectangles (8 epochs, 128 px) as two cells of one study folder, each
+    tested on the clean split and two benchmark corruptions at severity 3."""
+    study = tmp_path_factory.mktemp("detection-study")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for cell, quant in (("fp32-seed0", []), ("lsq-w8a8-seed0", ["--quantization", str(QUANT / "yolo_lsq8.yaml")])):
+            args = [*FAST_TRAINING, *quant, "--trainer.default_root_dir", str(study / "cells" / cell),
+                    "--results.path", str(study / "results.jsonl"), "--results.study", "detection",
+                    "--results.run", cell, *CORRUPTIONS]
+            assert run_cli("fit", *args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return study
+
+
+def cell_rows(study: Path, cell: str, metric: str = "map50") -> list[dict]:
+    return [r for r in read_rows(study / "results.jsonl") if r["run"] == cell and r["metric"] == metric]
+
+
+def test_fp32_and_lsq8_learn_the_rectangles(trained_study):
+    for cell, method in (("fp32-seed0", "fp32"), ("lsq-w8a8-seed0", "lsq")):
+        rows = cell_rows(trained_study, cell)
+        clean = [r["value"] for r in rows if r["corruption"] == "clean"]
+        assert len(clean) == 1 and clean[0] > 50.0, (cell, clean)
+        assert {(r["model"], r["dataset"], r["method"]) for r in rows} == {("yolov5n", "rectangles", method)}
+        assert {(r["corruption"], r["severity"]) for r in rows} == {("clean", 0), ("gaussian_noise", 3), ("fog", 3)}
+        assert len(cell_rows(trained_study, cell, "map50_95")) == 3
+        epochs = read_epoch_metrics(trained_study / "cells" / cell / "metrics.jsonl")
+        assert len(epochs) == 8 and {"train/loss", "val/loss", "val/map50"} <= set(epochs[-1])
+        assert epochs[-1]["train/loss"] < epochs[0]["train/loss"]
+
+
+def test_a_quantized_checkpoint_reproduces_its_map(trained_study, tmp_path, capsys):
+    checkpoint = trained_study / "cells" / "lsq-w8a8-seed0" / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=False)["quantization"]["method"] == "lsq"
+    (trained,) = [r["value"] for r in cell_rows(trained_study, "lsq-w8a8-seed0") if r["corruption"] == "clean"]
+    # Evaluated from the checkpoint with an FP32 config: the checkpoint's spec rebuilds the fake-quant layers
+    # (and the EMA copy) before the weights load.
+    store = tmp_path / "results.jsonl"
+    assert run_cli("test", *FAST_TRAINING, "--ckpt_path", str(checkpoint), "--results.path", str(store)) == 0
+    (again,) = [r["value"] for r in read_rows(store) if r["corruption"] == "clean" and r["metric"] == "map50"]
+    assert again == trained
+    assert "test mAP50 (%)" in capsys.readouterr().out
+
+    module = DetectionModule.load_from_checkpoint(checkpoint)
+    assert type(module.net.get_submodule("model.24.dfl.conv")) is nn.Conv2d
+    head = module.ema_net.get_submodule("model.24.cv3.0.2")
+    assert isinstance(head, QuantConv2d) and head.input_quantizer._initialized and head.weight_quantizer.bits == 8
+
+
+def test_the_study_report_has_the_detection_table(trained_study):
+    from study.report import write_report
+
+    report = write_report(trained_study, log_to_wandb=False).read_text()
+    assert "## Detection robustness" in report
+    lines = [line for line in report.splitlines() if line.startswith("| yolov5n | rectangles |")]
+    assert len(lines) >= 2
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+def write_image(path: Path, size=(40, 60)) -> None:
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.full((*size, 3), 128, np.uint8))
+
+
+def write_voc(root: Path, ids: list[str], annotations: bool = True) -> Path:
+    folder = root / "VOC2007"
+    (folder / "ImageSets" / "Main").mkdir(parents=True)
+    for split in ("train", "val"):
+        (folder / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    for image_id in ids:
+        write_image(folder / "JPEGImages" / f"{image_id}.jpg")
+        if annotations:
+            (folder / "Annotations").mkdir(exist_ok=True)
+            (folder / "Annotations" / f"{image_id}.xml").write_text(
+                "<annotation><size><width>60</width><height>40</height></size><object><name>dog</name>"
+                "<difficult>0</difficult><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>30</xmax><ymax>30</ymax>"
+                "</bndbox></object></annotation>"
+            )
+    return root
+
+
+def voc_args(root: Path, *extra: str) -> list[str]:
+    return [
+        "--data", "VOCDataModule", "--model", "DetectionModule", "--data.init_args.root", str(root),
+        "--data.init_args.train_sets", "[2007/train]", "--data.init_args.val_sets", "[2007/val]",
+        "--data.init_args.test_sets", "[2007/val]", "--data.init_args.image_size", "64",
+        "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", *NO_CORRUPTIONS, *extra,
+    ]
+
+
+def one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    errors = [line for line in err if "error" in line.lower() or "Traceback" in line]
+    assert len(errors) == 1, err
+    assert err[-1].startswith("qreg: error:")
+    return err[-1]
+
+
+def test_voc_root_without_annotations(tmp_path, capsys):
+    root = write_voc(tmp_path / "VOCdevkit", ["000001"], annotations=False)
+    status = run_cli("fit", *voc_args(root, "--trainer.default_root_dir", str(tmp_path / "run")))
+    assert status == 2
+    assert "has no Annotations/" in one_error_line(capsys)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_yolo_label_with_an_out_of_range_class(tmp_path, capsys):
+    root = tmp_path / "yolo"
+    for stem in ("a", "b"):
+        write_image(root / "images" / "train" / f"{stem}.jpg")
+    (root / "labels" / "train").mkdir(parents=True)
+    (root / "labels" / "train" / "a.txt").write_text("3 0.5 0.5 0.2 0.2\n")
+    (root / "labels" / "train" / "b.txt").write_text("0 0.5 0.5 0.2 0.2\n27 0.5 0.5 0.1 0.1\n")
+    args = ["--data", "VOCDataModule", "--model", "DetectionModule", "--data.init_args.root", str(root),
+            "--data.init_args.train_sets", "[train]", "--data.init_args.val_sets", "[train]",
+            "--data.init_args.test_sets", "[train]", "--data.init_args.image_size", "64",
+            "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "run"), *NO_CORRUPTIONS]
+    assert run_cli("fit", *args) == 2
+    line = one_error_line(capsys)
+    assert "b.txt:2: class 27 is out of range for 20 classes" in line
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_image_that_does_not_decode(tmp_path, capsys, workers):
+    root = write_voc(tmp_path / "VOCdevkit", ["000001", "000002"])
+    (root / "VOC2007" / "JPEGImages" / "000002.jpg").write_bytes(b"not a jpeg")
+    args = voc_args(root, "--trainer.default_root_dir", str(tmp_path / "run"),
+                    "--data.init_args.num_workers", str(workers), "--data.init_args.batch_size", "2")
+    assert run_cli("fit", *args) == 2
+    line = one_error_line(capsys)
+    assert "cannot decode image" in line and "000002.jpg" in line and "Traceback" not in line
+
+
+def test_a_bad_image_can_be_skipped_with_a_warning(tmp_path, caplog):
+    root = write_voc(tmp_path / "VOCdevkit", ["000001", "000002"])
+    (root / "VOC2007" / "JPEGImages" / "000002.jpg").write_bytes(b"not a jpeg")
+    data = VOCDataModule(str(root), train_sets=["2007/train"], val_sets=["2007/val"], test_sets=["2007/val"],
+                         image_size=64, on_bad_image="skip", corrupted_test=CorruptedTest([]))
+    data.setup("fit")
+    with caplog.at_level("WARNING"):
+        sample = data.val_set[1]
+    assert sample["index"] == 0 and "000002.jpg" in caplog.text
+
+
+def test_voc_annotations_are_read_with_difficult_flags(tmp_path):
+    root = write_voc(tmp_path / "VOCdevkit", ["000001"])
+    xml = root / "VOC2007" / "Annotations" / "000001.xml"
+    xml.write_text(xml.read_text().replace("</annotation>", "<object><name>cat</name><difficult>1</difficult>"
+                                           "<bndbox><xmin>1</xmin><ymin>2</ymin><xmax>10</xmax><ymax>20</ymax>"
+                                           "</bndbox></object></annotation>"))
+    data = VOCDataModule(str(tmp_path), train_sets=["2007/train"], val_sets=["2007/val"], test_sets=["2007/val"],
+                         image_size=64, corrupted_test=CorruptedTest([]))  # root above VOCdevkit works too
+    data.setup("fit")
+    test = data.test_sets["clean"].records[0]
+    assert test.classes.tolist() == [11, 7] and test.difficult.tolist() == [False, True]
+    assert test.boxes[1].tolist() == [0.0, 1.0, 10.0, 20.0]  # 1-based inclusive pixels -> continuous
+    assert data.train_set.records[0].classes.tolist() == [11]  # difficult objects are not trained on
+    batch = detection_collate([data.test_sets["clean"][0]])
+    assert batch["difficult"][0].tolist() == [False, True] and batch["cls"].view(-1).tolist() == [11.0, 7.0]
+
+
+def test_yolo_layout_reads_coco128():
+    root = SHARED_DATA / "coco128"
+    if not (root / "labels" / "train2017").is_dir():
+        pytest.skip("../shared/data/coco128 is not available")
+    data = VOCDataModule(str(root), train_sets=["train2017"], val_sets=["train2017"], test_sets=["train2017"],
+                         class_names=80, image_size=160, augment=False, corrupted_test=CorruptedTest([]))
+    assert data.layout == "yolo" and data.num_classes == 80
+    data.setup("fit")
+    assert len(data.train_set) == 128
+    sample = data.val_set[0]  # 000000000009.jpg: 640x480, first label "45 0.479492 0.688771 0.955609 0.5955"
+    assert sample["ori_shape"].tolist() == [480, 640] and sample["ori_cls"][0] == 45
+    torch.testing.assert_close(sample["ori_boxes"][0], torch.tensor([(0.479492 - 0.955609 / 2) * 640,
+                                                                     (0.688771 - 0.5955 / 2) * 480,
+                                                                     (0.479492 + 0.955609 / 2) * 640,
+                                                                     (0.688771 + 0.5955 / 2) * 480]), atol=0.05, rtol=0)
+    batch = detection_collate([data.val_set[i] for i in range(4)])
+    assert batch["img"].shape == (4, 3, 160, 160) and batch["cls"].max() < 80
+
+
+def test_records_and_dataset_work_without_files():
+    records = [DetectionRecord(0, np.array([[2, 2, 20, 10]], np.float32), np.array([1]), np.array([False]))]
+    dataset = DetectionDataset(records, 32, load=lambda _: np.zeros((12, 24, 3), np.uint8))
+    sample = dataset[0]
+    assert sample["img"].shape == (3, 32, 32)
+    # 12x24 -> scale 4/3, 8 px of padding above: the box lands at (2.7, 10.7, 26.7, 21.3) of 32
+    torch.testing.assert_close(sample["bboxes"], torch.tensor([[11 / 24, 0.5, 18 / 24, 8 / 24]]), atol=1e-4, rtol=0)
+    with pytest.raises(DataError, match="multiple of 32"):
+        RectanglesDataModule(image_size=100)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("yolo_voc_*.yaml")))
+def test_shipped_yolo_configs_resolve(config, capsys):
+    assert run_cli("fit", "--config", str(REPO / "configs" / config), "--print_config") == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    method = config.removeprefix("yolo_voc_").removesuffix(".yaml")
+    method = method if method == "fp32" else method.rstrip("248")
+    assert resolved["model"]["class_path"].endswith("DetectionModule")
+    assert resolved["model"]["init_args"]["model"] == "yolov5n"
+    assert resolved["data"]["class_path"].endswith("VOCDataModule")
+    assert resolved["data"]["init_args"]["corrupted_test"]["profile"] == "imagenet"
+    assert resolved["quantization"]["method"] == method
+    assert resolved["quantization"]["exclude"] == ["*.dfl.conv"]
+    assert resolved["trainer"]["max_epochs"] == 200
