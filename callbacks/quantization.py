@@ -23,6 +23,7 @@ from quantizers import (
     applied_spec,
     plan_layers,
     quantize_model,
+    quantized_layers,
     quantizer_state,
     weight_quantization_noise,
 )
@@ -100,6 +101,13 @@ class QuantizationCallback(L.Callback):
         if noise:
             metrics["quant_noise/mean"] = sum(v for v, _ in noise.values()) / len(noise)
         pl_module.log_dict(metrics, on_epoch=True, sync_dist=False)
+        # each layer's weight bits, for metrics.jsonl only (the report keeps the first/last layers, held at
+        # their own precision, off the noise-against-bits plot); a constant is no use as a logger curve
+        layers = quantized_layers(net).items()
+        bits = {f"quant_bits/{name}": float(layer.weight_quantizer.bits) for name, layer in layers
+                if getattr(layer.weight_quantizer, "bits", None) is not None}
+        if bits:
+            pl_module.log_dict(bits, on_epoch=True, sync_dist=False, logger=False)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         """Under DDP, check that every rank ends with the same quantizer state (steps, alphas, init flags)."""

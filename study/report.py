@@ -334,6 +334,11 @@ def loss_figure(title: str, curves: dict[str, list[list[dict]]], path: Path) -> 
         axis.axvline(epochs[best], color=colour, linestyle=":", linewidth=0.8)
     axis.set_xlabel("epoch")
     axis.set_ylabel("validation loss")
+    low, high = axis.dataLim.intervaly
+    if axis.lines and low > 0 and high / low > 20:
+        # the first epochs' loss can be 100x the plateau; on a linear axis the minimum would be invisible
+        axis.set_yscale("log")
+        axis.set_ylabel("validation loss (log scale)")
     axis.set_title(title, fontsize=10)
     if axis.lines:
         axis.legend(fontsize=7)
@@ -424,9 +429,9 @@ def method_comparison_figure(study: Study, experiment, path: Path) -> bool:
     return True
 
 
-def noise_figure(study: Study, experiment, path: Path) -> bool:
-    """Per-layer-group weight quantization noise variance (last epoch) against bits, log scale, with the
-    uniform-grid expectation 4^-b for reference."""
+def noise_by_bits(study: Study, experiment) -> dict[tuple[str, str], dict[int, list[float]]]:
+    """{(method, layer group): {weight bits: [mean last-epoch noise variance per cell]}}, counting only the
+    layers quantized at the cell's weight bits (first/last layers held at their own precision are left out)."""
     series: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for cell in study.cells:
         if cell.experiment != experiment or cell.method == "fp32":
@@ -438,9 +443,19 @@ def noise_figure(study: Study, experiment, path: Path) -> bool:
         groups: dict[str, list[float]] = defaultdict(list)
         for key, value in last.items():
             if key.startswith("quant_noise/") and key != "quant_noise/mean" and isinstance(value, int | float):
-                groups[key.split("/", 1)[1].split(".")[0]].append(value)
+                layer = key.split("/", 1)[1]
+                if last.get(f"quant_bits/{layer}", cell.weight_bits) != cell.weight_bits:
+                    continue
+                groups[layer.split(".")[0]].append(value)
         for group, values in groups.items():
             series[(cell.method, group)][cell.weight_bits].append(float(np.mean(values)))
+    return series
+
+
+def noise_figure(study: Study, experiment, path: Path) -> bool:
+    """Per-layer-group weight quantization noise variance (last epoch) against bits, log scale, with the
+    uniform-grid expectation 4^-b for reference."""
+    series = noise_by_bits(study, experiment)
     if not series:
         return False
     figure = _figure(6.5, 4.0)
@@ -478,7 +493,10 @@ def mechanism_section(study: Study, figures: Path, images: dict[str, Path]) -> s
               "gap loss", "sharpness", "Hessian trace", "val-loss min epoch", "corrupted delta"]
     lines += ["Train measures use the first training images without augmentation; sharpness (mean loss increase "
               "under random weight perturbations of relative size rho) and the Hessian trace (Hutchinson) are taken "
-              "on the full-precision function of each model's weights, the landscape Theorem 3.1 is about.", ""]
+              "on the full-precision function of each model's weights, the landscape Theorem 3.1 is about. "
+              "A negative value says those weights are not at a minimum of the full-precision loss: expected at 2 "
+              "bits, where the float weights behind the grid are far from the function that was trained. The "
+              "noise figure shows only layers quantized at the cell's bits (not the first and last layers).", ""]
     for experiment in study.experiments():
         model, dataset = experiment
         lines += [f"### {model} on {dataset}", "", _markdown_table(header, generalization_table(study, experiment)), ""]

@@ -12,7 +12,7 @@ import pytest
 from callbacks.results import save_predictions
 from conftest import run_cli
 from study.metrics import error_improvement
-from study.report import FIGURE_ORDER, paired_bootstrap, t_interval, write_report
+from study.report import FIGURE_ORDER, Study, noise_by_bits, paired_bootstrap, t_interval, write_report
 from study.store import append_rows
 
 CORRUPTIONS = [c for row in FIGURE_ORDER for c in row if c != "clean"]
@@ -165,8 +165,14 @@ def test_mechanism_section_from_train_theorem_and_noise_rows(tmp_path):
     for run, noise in (("lsq-w2a2-seed0", 1e-3), ("lsq-w8a8-seed0", 1e-5)):
         path = tmp_path / "cells" / run / "metrics.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
+        bits = int(run.split("-w")[1][0])
         path.write_text(json.dumps({"epoch": 0, "val/loss": 1.0, "quant_noise/layer1.0.conv1": noise,
-                                    "quant_noise/layer2.0.conv1": noise / 2, "quant_noise/mean": noise}) + "\n")
+                                    "quant_noise/layer2.0.conv1": noise / 2, "quant_noise/mean": noise,
+                                    "quant_noise/fc": 0.5, "quant_bits/fc": 8.0,  # the last layer, held at 8
+                                    "quant_bits/layer1.0.conv1": bits, "quant_bits/layer2.0.conv1": bits}) + "\n")
+    series = noise_by_bits(Study(tmp_path), ("resnet20", "cifar10"))
+    assert series[("lsq", "layer1")] == {2: [1e-3], 8: [1e-5]} and series[("lsq", "layer2")] == {2: [5e-4], 8: [5e-6]}
+    assert series[("lsq", "fc")] == {8: [0.5]}  # plotted only where the cell's bits are its own
     text = write_report(tmp_path, log_to_wandb=False).read_text()
     assert "| fp32 | FP32 | 0 | 92.00 | 99.00 | 7.00 |" in text  # gap = train - test accuracy
     assert "| lsq | W8A8 | 0 | 92.80 | 97.00 | 4.20 |" in text
