@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("YOLO_OFFLINE", "true")
 
+from timing import TimedTrainingStep  # noqa: E402  (benchmarks/, the script's own folder)
+
 from datamodules import RectanglesDataModule, VOCDataModule  # noqa: E402
 from datamodules.corruptions.splits import CorruptedTest  # noqa: E402
 from datamodules.voc import detection_collate  # noqa: E402
@@ -61,7 +63,7 @@ def training_batch(image_size: int, batch_size: int) -> tuple[dict, str]:
     return detection_collate([data.train_set[i] for i in range(batch_size)]), source
 
 
-class Trainee:
+class Trainee(TimedTrainingStep):
     """One network + loss + optimizer that can take a timed training step on a fixed batch."""
 
     def __init__(self, spec: QuantSpec, batch: dict, num_classes: int, device: str) -> None:
@@ -69,26 +71,16 @@ class Trainee:
 
         torch.manual_seed(0)
         self.net = quantize_model(build_yolo("yolov5n", num_classes), spec).to(device).train()
-        self.loss = v8DetectionLoss(self.net)
+        self.criterion = v8DetectionLoss(self.net)
         self.optimizer = torch.optim.SGD(parameter_groups(self.net, 5e-4), lr=0.001, momentum=0.937, nesterov=True)
         self.batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         self.images = self.batch["img"].float() / 255
         self.device = device
         self.step()  # LSQ activation steps initialise on the first training batch
 
-    def step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss, _ = self.loss(self.net(self.images), self.batch)
-        loss.sum().backward()
-        self.optimizer.step()
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-
-    def time_steps(self, steps: int) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        return (time.perf_counter() - start) / steps
+    def loss(self) -> torch.Tensor:
+        loss, _ = self.criterion(self.net(self.images), self.batch)
+        return loss.sum()
 
 
 def time_map(images: int, detections: int, classes: int = 20) -> tuple[float, float]:

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import TimedTrainingStep  # noqa: E402  (benchmarks/, the script's own folder)
+
 from lightning_modules.models import build_model  # noqa: E402
 from quantizers import QuantSpec, parameter_groups, quantize_model  # noqa: E402
 
@@ -35,7 +37,7 @@ METHODS = {
 TARGETS = {"eager": 1.4, "compiled": 1.15}
 
 
-class Trainee:
+class Trainee(TimedTrainingStep):
     """One model + optimizer that can take a timed training step."""
 
     def __init__(self, model_name: str, spec: QuantSpec, compiled: bool, batch: tuple, device: str) -> None:
@@ -54,19 +56,8 @@ class Trainee:
         self.step()
         self.warmup_seconds = time.perf_counter() - start
 
-    def step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.model(self.images), self.labels)
-        loss.backward()
-        self.optimizer.step()
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-
-    def time_steps(self, steps: int) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        return (time.perf_counter() - start) / steps
+    def loss(self) -> torch.Tensor:
+        return F.cross_entropy(self.model(self.images), self.labels)
 
 
 def main() -> None:

@@ -264,6 +264,7 @@ def test_fp32_and_lsq8_learn_the_rectangles(trained_study):
     for cell, method in (("fp32-seed0", "fp32"), ("lsq-w8a8-seed0", "lsq")):
         rows = cell_rows(trained_study, cell)
         clean = [r["value"] for r in rows if r["corruption"] == "clean"]
+        print(f"\n{cell}: mAP50 " + ", ".join(f"{r['corruption']}/{r['severity']} {r['value']:.1f}" for r in rows))
         assert len(clean) == 1 and clean[0] > 50.0, (cell, clean)
         assert {(r["model"], r["dataset"], r["method"]) for r in rows} == {("yolov5n", "rectangles", method)}
         assert {(r["corruption"], r["severity"]) for r in rows} == {("clean", 0), ("gaussian_noise", 3), ("fog", 3)}
