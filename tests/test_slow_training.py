@@ -35,6 +35,7 @@ def test_shipped_digits_config_reaches_90_percent_and_test_reproduces_it(config,
     cli("test", "--config", f"configs/{config}.yaml", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
         *clean_only)
     at_fit_end, from_checkpoint = clean_accuracy(run / "results.jsonl")
+    print(f"{config}: test accuracy {at_fit_end:.3f} % at the end of fit, {from_checkpoint:.3f} % from last.ckpt")
     assert at_fit_end >= 90.0
     assert from_checkpoint == at_fit_end
 
