@@ -7,6 +7,7 @@ batch on the accelerator (the airbench recipe). Corrupted test splits reuse the 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 
@@ -83,6 +84,39 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.size
+
+
+def run_seed() -> int:
+    """The seed Lightning's seed_everything set (PL_GLOBAL_SEED), 0 without one."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def loader_generator() -> torch.Generator:
+    """A DataLoader's own generator. Every DataLoader iterator draws a worker seed from its generator, which
+    defaults to the global RNG: a resumed run creates iterators an uninterrupted one does not (the sanity
+    check), so each loader gets its own and the global RNG is left to the augmentation alone."""
+    return torch.Generator().manual_seed(run_seed())
+
+
+def resumable_train_sampler(trainer, size: int, batch_size: int, drop_last: bool) -> EpochShuffleSampler:
+    """The training sampler, positioned after the batches of the current epoch that a mid-epoch checkpoint
+    already trained on (none for a fresh run or an end-of-epoch checkpoint)."""
+    sampler = EpochShuffleSampler(size, seed=run_seed())
+    sampler.resume_at(_completed_batches_in_epoch(trainer, size, batch_size, drop_last) * batch_size)
+    return sampler
+
+
+def _completed_batches_in_epoch(trainer, size: int, batch_size: int, drop_last: bool) -> int:
+    if trainer is None or not trainer.fit_loop.restarting or trainer.world_size > 1:
+        # Under DDP the distributed sampler splits our order across ranks; a mid-epoch resume there
+        # restarts the epoch's data (the epoch count and weights are still exact).
+        return 0
+    per_epoch = size // batch_size if drop_last else math.ceil(size / batch_size)
+    limit = trainer.limit_train_batches
+    if limit is not None:
+        per_epoch = min(per_epoch, limit) if isinstance(limit, int) else int(per_epoch * limit)
+    completed = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    return completed if 0 < completed < per_epoch else 0  # an end-of-epoch checkpoint starts a new epoch
 
 
 def progress_bar(disable: bool = False):
@@ -222,33 +256,16 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False,
                 sampler: Sampler | None = None) -> DataLoader:
-        # Every DataLoader iterator draws a worker seed from its generator, which defaults to the global RNG:
-        # a resumed run creates iterators an uninterrupted one does not (the sanity check), so give each
-        # loader its own generator and keep the global RNG for the augmentation alone.
         return DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=keep_batch,
             sampler=sampler, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0))),
+            generator=loader_generator(),
         )
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochShuffleSampler(len(self.train_set), seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
-        sampler.resume_at(self._completed_batches_in_epoch() * self.batch_size)
+        sampler = resumable_train_sampler(getattr(self, "trainer", None), len(self.train_set), self.batch_size,
+                                          drop_last=True)
         return self._loader(self.train_set, self.batch_size, shuffle=False, drop_last=True, sampler=sampler)
-
-    def _completed_batches_in_epoch(self) -> int:
-        """Batches of the current epoch a resumed run already trained on: >0 only for a mid-epoch checkpoint."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is None or not trainer.fit_loop.restarting or trainer.world_size > 1:
-            # Under DDP the distributed sampler splits our order across ranks; a mid-epoch resume there
-            # restarts the epoch's data (the epoch count and weights are still exact).
-            return 0
-        per_epoch = len(self.train_set) // self.batch_size
-        limit = trainer.limit_train_batches
-        if limit is not None:
-            per_epoch = min(per_epoch, limit) if isinstance(limit, int) else int(per_epoch * limit)
-        completed = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        return completed if 0 < completed < per_epoch else 0  # an end-of-epoch checkpoint starts a new epoch
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False)

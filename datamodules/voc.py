@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Sequence
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from datamodules.base import EpochShuffleSampler
+from datamodules.base import loader_generator, resumable_train_sampler
 from datamodules.corruptions.engine import corrupt
 from datamodules.corruptions.splits import CorruptedTest, split_name
 from datamodules.errors import DataError
@@ -343,32 +342,16 @@ class DetectionDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int, workers: int, persistent: bool,
                 sampler: Sampler | None = None) -> DataLoader:
-        # Each loader has its own generator (worker seeds), as the classification loaders do, so a resumed
-        # run's extra iterators (the sanity check) do not shift the global RNG.
         return DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, collate_fn=detection_collate, num_workers=workers,
-            persistent_workers=persistent and workers > 0, drop_last=False,
-            generator=torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0))),
+            persistent_workers=persistent and workers > 0, drop_last=False, generator=loader_generator(),
         )
 
     def train_dataloader(self) -> DataLoader:
-        # The epoch's order is a function of (seed, epoch) and a mid-epoch resume skips the batches already
-        # trained on (the augmentation draws themselves are not replayed).
-        sampler = EpochShuffleSampler(len(self.train_set), seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
-        sampler.resume_at(self._completed_batches_in_epoch() * self.batch_size)
+        # A mid-epoch resume replays the epoch's order exactly, not its augmentation draws.
+        sampler = resumable_train_sampler(getattr(self, "trainer", None), len(self.train_set), self.batch_size,
+                                          drop_last=False)
         return self._loader(self.train_set, self.batch_size, self.num_workers, True, sampler)
-
-    def _completed_batches_in_epoch(self) -> int:
-        """Batches of the current epoch a resumed run already trained on: >0 only for a mid-epoch checkpoint."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is None or not trainer.fit_loop.restarting or trainer.world_size > 1:
-            return 0
-        per_epoch = math.ceil(len(self.train_set) / self.batch_size)
-        limit = trainer.limit_train_batches
-        if limit is not None:
-            per_epoch = min(per_epoch, limit) if isinstance(limit, int) else int(per_epoch * limit)
-        completed = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        return completed if 0 < completed < per_epoch else 0
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, self.num_workers, True)

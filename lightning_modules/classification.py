@@ -17,6 +17,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.divergence import check_finite_loss
+from lightning_modules.evaluation import test_split_names
 from lightning_modules.models import build_model
 from lightning_modules.rng import RNG_KEY, restore_rng_states, rng_states
 from quantizers import CHECKPOINT_KEY, QuantSpec, parameter_groups, quantize_model
@@ -110,15 +111,8 @@ class ClassificationModule(L.LightningModule):
         self.log("val/loss", F.cross_entropy(logits, labels), on_epoch=True, prog_bar=True)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
 
-    def test_split_names(self) -> list[str]:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        names = getattr(datamodule, "test_split_names", None)
-        if names:
-            return list(names)
-        return [f"dataloader{i}" for i in range(len(self.trainer.test_dataloaders))]
-
     def on_test_epoch_start(self) -> None:
-        n = len(self.test_split_names())
+        n = len(test_split_names(self.trainer))
         num_classes = self.hparams.num_classes
         self.test_acc = nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in range(n))
         self.test_loss = nn.ModuleList(MeanMetric() for _ in range(n))
@@ -137,12 +131,12 @@ class ClassificationModule(L.LightningModule):
             self._correct[dataloader_idx].append((logits.argmax(1) == labels).cpu())
 
     def on_test_epoch_end(self) -> None:
-        names = self.test_split_names()
+        names = test_split_names(self.trainer)
         self.test_predictions = {
             name: torch.cat(chunks).numpy() for name, chunks in zip(names, self._correct, strict=True) if chunks
         }
         self.test_results = {}
-        for name, acc, loss in zip(self.test_split_names(), self.test_acc, self.test_loss, strict=True):
+        for name, acc, loss in zip(test_split_names(self.trainer), self.test_acc, self.test_loss, strict=True):
             # Accuracy in percent, the unit of the paper's tables and of its Eq. 5.
             self.test_results[name] = {"accuracy": 100.0 * acc.compute().item(), "loss": loss.compute().item()}
             acc.reset()

@@ -28,6 +28,7 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from datamodules.corruptions.engine import BENCHMARK_CORRUPTIONS
 from lightning_modules.divergence import check_finite_loss
+from lightning_modules.evaluation import test_split_names
 from lightning_modules.yolo import (
     ModelEMA,
     build_yolo,
@@ -327,13 +328,6 @@ class DetectionModule(L.LightningModule):
         self.log("val/map50", 100.0 * scores["map_50"].item(), prog_bar=True)
         self.log("val/map50_95", 100.0 * scores["map"].item())
 
-    def test_split_names(self) -> list[str]:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        names = getattr(datamodule, "test_split_names", None)
-        if names:
-            return list(names)
-        return [f"dataloader{i}" for i in range(len(self.trainer.test_dataloaders))]
-
     def on_test_epoch_start(self) -> None:
         self.test_results = {}
         self._test_split = None
@@ -351,7 +345,7 @@ class DetectionModule(L.LightningModule):
     def _finish_test_split(self) -> None:
         scores = self.test_map.compute()
         self.test_map.reset()
-        name = self.test_split_names()[self._test_split]
+        name = test_split_names(self.trainer)[self._test_split]
         # Percent, like classification accuracy (the report's unit).
         self.test_results[name] = {"map50": 100.0 * scores["map_50"].item(), "map50_95": 100.0 * scores["map"].item()}
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from datamodules import ArrayImageDataset, CIFAR10DataModule, DataError, DigitsDataModule
-from datamodules.base import random_crop_flip
+from datamodules.base import EpochShuffleSampler, random_crop_flip, resumable_train_sampler, run_seed
 from datamodules.cifar import CIFAR10_CLASSES
 
 
@@ -99,3 +99,30 @@ def test_cifar_errors_name_the_fix(tmp_path):
     (tmp_path / "train" / "airplane" / "broken.png").write_bytes(b"not an image")
     with pytest.raises(DataError, match="cannot decode image .*broken.png"):
         CIFAR10DataModule(root=str(tmp_path), val_size=5).setup("fit")
+
+
+def fake_trainer(completed: int, restarting: bool = True, world_size: int = 1, limit=None):
+    from types import SimpleNamespace
+
+    progress = SimpleNamespace(current=SimpleNamespace(completed=completed))
+    fit_loop = SimpleNamespace(restarting=restarting, epoch_loop=SimpleNamespace(batch_progress=progress))
+    return SimpleNamespace(fit_loop=fit_loop, world_size=world_size, limit_train_batches=limit)
+
+
+@pytest.mark.parametrize(
+    ("trainer", "drop_last", "skipped"),
+    [
+        (None, True, 0),  # no trainer yet
+        (fake_trainer(3), True, 30),  # mid-epoch: 3 of 10 batches done
+        (fake_trainer(3, restarting=False), True, 0),  # a fresh run
+        (fake_trainer(10), True, 0),  # 105 images, batch 10, drop_last: 10 batches, so the epoch ended
+        (fake_trainer(10), False, 100),  # without drop_last the epoch has an 11th, partial batch
+        (fake_trainer(3, world_size=2), True, 0),  # DDP restarts the epoch's data
+        (fake_trainer(3, limit=3), True, 0),  # limit_train_batches 3: that epoch was complete
+    ],
+)
+def test_resumable_sampler_skips_only_the_batches_a_mid_epoch_checkpoint_trained_on(trainer, drop_last, skipped):
+    sampler = resumable_train_sampler(trainer, 105, 10, drop_last=drop_last)
+    full = list(EpochShuffleSampler(105, seed=run_seed()))  # the seed seed_everything left, if any
+    assert list(sampler) == full[skipped:]
+    assert list(sampler) == full  # the skip applies to the resumed epoch only
