@@ -21,7 +21,7 @@ from lightning_modules.evaluation import test_split_names
 from lightning_modules.models import build_model
 from lightning_modules.rng import RNG_KEY, restore_rng_states, rng_states
 from quantizers import CHECKPOINT_KEY, QuantSpec, parameter_groups, quantize_model
-from study.metrics import corruption_means
+from records.measures import corruption_means
 
 
 class ClassificationModule(L.LightningModule):

@@ -26,7 +26,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 
-from datamodules.corruptions.engine import BENCHMARK_CORRUPTIONS
 from lightning_modules.divergence import check_finite_loss
 from lightning_modules.evaluation import test_split_names
 from lightning_modules.yolo import (
@@ -38,23 +37,10 @@ from lightning_modules.yolo import (
     to_original_coordinates,
 )
 from quantizers import CHECKPOINT_KEY, QuantSpec, parameter_groups, quantize_model
-from study.metrics import CLEAN, corruption_means
+from records.measures import corruption_means, detection_summary
 
 _EMA_PREFIX = "ema_net."
 _NET_PREFIX = "net."
-
-
-def detection_summary(map50_by_split: dict[str, float]) -> dict[str, float]:
-    """P (clean mAP50), mPC (mean over the 15 benchmark corruptions' splits) and rPC = 100 * mPC / P."""
-    summary = {}
-    if CLEAN in map50_by_split:
-        summary["P"] = map50_by_split[CLEAN]
-    benchmark = [v for name, v in map50_by_split.items() if name.partition("/")[0] in BENCHMARK_CORRUPTIONS]
-    if benchmark:
-        summary["mPC"] = sum(benchmark) / len(benchmark)
-        if summary.get("P"):
-            summary["rPC"] = 100.0 * summary["mPC"] / summary["P"]
-    return summary
 
 
 class DetectionModule(L.LightningModule):
