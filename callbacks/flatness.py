@@ -38,6 +38,8 @@ class FlatnessCallback(L.Callback):
         hessian_samples: Rademacher vectors averaged for the Hessian trace.
     """
 
+    adds_test_results = True  # writes pl_module.test_results in on_test_end: ResultsCallback must come after it
+
     def __init__(self, enabled: bool = True, images: int = 256, rho: float = 0.05, samples: int = 8,
                  hessian_samples: int = 4) -> None:
         super().__init__()

@@ -84,6 +84,12 @@ class ResultsCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Lightning restores a checkpoint after setup: a test that loads none measures the live weights.
         self._weights_at = None
+        # The TaskModule contract: callbacks that add to test_results run their on_test_end before this one.
+        after = trainer.callbacks[trainer.callbacks.index(self) + 1:] if self in trainer.callbacks else []
+        late = [type(c).__name__ for c in after if getattr(c, "adds_test_results", False)]
+        if late:
+            raise ValueError(f"{', '.join(late)} must come before ResultsCallback in the trainer's callbacks, or "
+                             "its test results are written after the results rows")
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self._weights_at = (checkpoint.get("epoch"), int(checkpoint.get("global_step", 0)))
