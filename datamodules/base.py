@@ -22,9 +22,9 @@ from datamodules.corruptions.splits import (
     CorruptedTest,
     CorruptionCache,
     OnTheFlyCorruption,
-    split_name,
 )
 from datamodules.errors import DataError
+from records.splits import CLEAN, split_name
 
 # Maps (uint8 NxHxWx3 images, their dataset indices) to images of the same shape: e.g. a corruption.
 BatchTransform = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -223,11 +223,11 @@ class ImageClassificationDataModule(L.LightningDataModule):
         val_idx, train_idx = np.sort(order[: self.val_size]), np.sort(order[self.val_size :])
         self.train_set = ArrayImageDataset(train_images[train_idx], train_labels[train_idx])
         self.val_set = ArrayImageDataset(train_images[val_idx], train_labels[val_idx])
-        self.test_sets = {"clean": ArrayImageDataset(test_images, test_labels)}
+        self.test_sets = {CLEAN: ArrayImageDataset(test_images, test_labels)}
 
     def _corrupted_test_sets(self) -> dict[str, ArrayImageDataset]:
         settings = self.corrupted_test
-        clean = self.test_sets["clean"]
+        clean = self.test_sets[CLEAN]
         splits = settings.splits()
         if not splits:
             return {}
@@ -252,7 +252,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
     @property
     def test_split_names(self) -> list[str]:
         """Names of the test dataloaders, in dataloader_idx order."""
-        return list(self.test_sets) or ["clean"]
+        return list(self.test_sets) or [CLEAN]
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False,
                 sampler: Sampler | None = None) -> DataLoader:
@@ -274,7 +274,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return [self._loader(ds, self.eval_batch_size, shuffle=False) for ds in self.test_sets.values()]
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_sets["clean"], self.eval_batch_size, shuffle=False)
+        return self._loader(self.test_sets[CLEAN], self.eval_batch_size, shuffle=False)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 Nx3xHxW -> normalised float."""
