@@ -292,6 +292,10 @@ def _build_parser_classes():
             except (ArgumentError, SystemExit) as error:
                 raise CheckpointError(f"checkpoint {ckpt_path} carries hyperparameters this version of qreg does "
                                       f"not accept: {_one_line(error)}") from None
+            unknown = (self.config[subcommand].get("model") or {}).get("dict_kwargs") if ckpt_path else None
+            if unknown:
+                raise CheckpointError(f"checkpoint {ckpt_path} carries hyperparameters this version of qreg does "
+                                      f"not accept: {', '.join(sorted(unknown))}")
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand]
@@ -370,7 +374,9 @@ def _build_parser_classes():
 
 
 def run_lightning(args: list[str] | None) -> None:
-    from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from callbacks.progress import SplitsProgressBar
 
     QregCLI, RunConfigSaver = _build_parser_classes()
     QregCLI(
@@ -386,7 +392,7 @@ def run_lightning(args: list[str] | None) -> None:
             "max_epochs": 200,
             "log_every_n_steps": 10,
             "callbacks": [
-                RichProgressBar(leave=True),
+                SplitsProgressBar(leave=True),
                 RunCheckpoint(),
                 LearningRateMonitor(logging_interval="epoch"),
             ],
@@ -394,6 +400,8 @@ def run_lightning(args: list[str] | None) -> None:
     )
 
 
+_TYPE_ERROR = re.compile(r'^Parser key "(\w+)": Does not validate .*?Problem with given class_path [^:]+: '
+                         r'Parser key "([^"]+)": Expected a <class \'(\w+)\'>\. Got value: (\S+)')
 _LITERAL_ERROR = re.compile(r'Parser key "([^"]+)": Expected a typing\.Literal\[(.+?)\]\. Got value: (\S+)')
 
 
@@ -420,6 +428,7 @@ def corrupt_command(args: list[str]) -> None:
     settings = datamodule.corrupted_test
     cache = CorruptionCache(config.cache_dir, clean.images, settings.profile, settings.seed)
     splits = settings.splits()
+    cache.discard_damaged(splits)  # a damaged or foreign file is regenerated, never kept
     todo = cache.missing(splits)
     start = time.perf_counter()
     with progress_bar(disable=not todo) as progress:
@@ -429,6 +438,9 @@ def corrupt_command(args: list[str]) -> None:
     rate = f", {len(todo) * len(clean) / seconds:,.0f} images/s" if todo else ""
     print(f"{len(todo)} of {len(splits)} splits written to {cache.directory} in {seconds:.1f} s{rate}; "
           f"use them with --data.init_args.corrupted_test.cache_dir {config.cache_dir}")
+
+
+MIN_GRID_IMAGE = 16
 
 
 def corruption_grid_command(args: list[str]) -> None:
@@ -449,6 +461,11 @@ def corruption_grid_command(args: list[str]) -> None:
             pixels = np.asarray(image.convert("RGB"))
     except OSError as error:
         raise DataError(f"cannot read image {config.image}: {error}") from None
+    height, width = pixels.shape[:2]
+    if min(height, width) < MIN_GRID_IMAGE:
+        # the imagenet profile's glass blur needs room for its displacements; below this it has no pixels left
+        raise DataError(f"{config.image} is {width}x{height} pixels; corruption-grid needs at least "
+                        f"{MIN_GRID_IMAGE}x{MIN_GRID_IMAGE}")
     path = save_corruption_grid(pixels, config.out, profile=config.profile, seed=config.seed)
     print(f"wrote {path}")
 
@@ -613,6 +630,10 @@ def _one_line(error: BaseException) -> str:
     if choice:
         key, choices, value = choice.groups()
         return f"{key}: {value!r} is not a valid choice; choose one of: {choices.replace(chr(39), '')}"
+    typed = _TYPE_ERROR.search(text)
+    if typed:
+        outer, key, kind, value = typed.groups()
+        return f"{outer}.init_args.{key}: expected a {kind}, got {value}"
     return text
 
 

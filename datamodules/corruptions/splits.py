@@ -144,6 +144,20 @@ class CorruptionCache:
         save_array(path, images, self.source)
         return np.load(path, mmap_mode="r")
 
+    def discard_damaged(self, splits: Iterable[tuple[str, int]]) -> int:
+        """Check the digest of every cached split (reads them all) and delete those that fail, with a warning,
+        so they count as missing; returns how many were deleted. `load` checks each split it serves anyway."""
+        if not self._manifest_matches():
+            return 0
+        discarded = 0
+        for corruption, severity in splits:
+            path = self.path(corruption, severity)
+            if path.exists() and load_array(path, self.source, what="corrupted-split cache", mmap=True) is None:
+                path.unlink(missing_ok=True)
+                digest_path(path).unlink(missing_ok=True)
+                discarded += 1
+        return discarded
+
     def missing(self, splits: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
         if not self._manifest_matches():
             return list(splits)
