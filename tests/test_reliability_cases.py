@@ -85,7 +85,7 @@ def damaged_checkpoint(kind: str):
     return make
 
 
-def testing_with(kind: str):
+def evaluating_with(kind: str):
     def command(w, tmp):
         return ["test", *BASE, *LSQ4, "--ckpt_path", str(damaged_checkpoint(kind)(w, tmp)),
                 "--trainer.default_root_dir", str(tmp / "out")]
@@ -225,13 +225,13 @@ def nothing_written(w, tmp):
 # name: (command, expected status, text of the one error line (None: exit 0), check of the files afterwards)
 CASES = {
     # checkpoints handed to test / fit
-    "test: truncated checkpoint": (testing_with("truncated"), 2, "cannot be loaded", nothing_written),
-    "test: empty checkpoint": (testing_with("empty"), 2, "empty.ckpt cannot be loaded", nothing_written),
-    "test: checkpoint of zeros": (testing_with("zeros"), 2, "zeros.ckpt cannot be loaded", nothing_written),
-    "test: a YAML file as checkpoint": (testing_with("yaml"), 2, "yaml.ckpt cannot be loaded", nothing_written),
-    "test: a directory as checkpoint": (testing_with("directory"), 2, "directory.ckpt is not a file", nothing_written),
-    "test: a checkpoint qreg did not write": (testing_with("foreign"), 2, "lacks epoch, global_step", nothing_written),
-    "test: unknown hyperparameter": (testing_with("unknown_hparam"), 2,
+    "test: truncated checkpoint": (evaluating_with("truncated"), 2, "cannot be loaded", nothing_written),
+    "test: empty checkpoint": (evaluating_with("empty"), 2, "empty.ckpt cannot be loaded", nothing_written),
+    "test: checkpoint of zeros": (evaluating_with("zeros"), 2, "zeros.ckpt cannot be loaded", nothing_written),
+    "test: a YAML file as checkpoint": (evaluating_with("yaml"), 2, "yaml.ckpt cannot be loaded", nothing_written),
+    "test: a directory as checkpoint": (evaluating_with("directory"), 2, "directory.ckpt is not a file", nothing_written),
+    "test: a checkpoint qreg did not write": (evaluating_with("foreign"), 2, "lacks epoch, global_step", nothing_written),
+    "test: unknown hyperparameter": (evaluating_with("unknown_hparam"), 2,
                                      "does not accept: bogus_option", nothing_written),
     "fit: resume from a truncated checkpoint": (
         lambda w, tmp: fit_with("--ckpt_path", str(damaged_checkpoint("truncated")(w, tmp)))(w, tmp), 2,
