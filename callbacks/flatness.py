@@ -12,17 +12,20 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from datamodules.subsets import stratified_indices
 from records.mechanism import fake_quantization_off, hessian_trace, loss_and_accuracy, sharpness
 from records.splits import TRAIN
 
 
 def training_batches(datamodule, images: int, batch_size: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first `images` training images, normalised like evaluation batches, on `device`."""
+    """`images` training images drawn class-stratified under the data's split seed (the same for every run;
+    "the first ones" of a class-ordered image folder would be one class), normalised like evaluation batches,
+    on `device`."""
     dataset = datamodule.train_set
-    count = min(images, len(dataset))
+    chosen = stratified_indices(dataset.labels, images, getattr(datamodule, "split_seed", 0)).tolist()
     batches = []
-    for start in range(0, count, batch_size):
-        pixels, labels = dataset.__getitems__(list(range(start, min(start + batch_size, count))))
+    for start in range(0, len(chosen), batch_size):
+        pixels, labels = dataset.__getitems__(chosen[start:start + batch_size])
         batches.append((datamodule.normalize(pixels.to(device)), labels.to(device)))
     return batches
 
@@ -32,7 +35,7 @@ class FlatnessCallback(L.Callback):
 
     Args:
         enabled: set false to skip (it costs about as much as a few evaluation epochs of `images` images).
-        images: how many training images the measures use (the first ones of the training split).
+        images: how many training images the measures use (class-stratified, the same for every run).
         rho: relative size of the random weight perturbations of the sharpness measure.
         samples: perturbations averaged for the sharpness.
         hessian_samples: Rademacher vectors averaged for the Hessian trace.

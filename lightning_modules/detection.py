@@ -295,6 +295,8 @@ class DetectionModule(TaskModule):
         return raw, predictions, targets
 
     def validation_step(self, batch, batch_idx: int) -> None:
+        if not len(batch["index"]):  # every image of the batch was skipped (on_bad_image: skip)
+            return
         raw, predictions, targets = self._predict(batch)
         # The paper's Figure 1 curve: the validation objective, computed in eval mode (BatchNorm running
         # statistics, EMA weights), on the same scale as train/loss.
@@ -322,6 +324,8 @@ class DetectionModule(TaskModule):
         if self._test_split is not None and dataloader_idx != self._test_split:
             self._finish_test_split()
         self._test_split = dataloader_idx
+        if not len(batch["index"]):  # every image of the batch was skipped (on_bad_image: skip)
+            return
         _, predictions, targets = self._predict(batch)
         self.test_map.update(predictions, targets)
 
@@ -348,5 +352,7 @@ class DetectionModule(TaskModule):
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, torch.Tensor]]:
         """Detections per image: boxes (x1, y1, x2, y2 in native pixels), scores and labels."""
+        if not len(batch["index"]):
+            return []
         _, predictions, _ = self._predict(batch)
         return predictions

@@ -23,17 +23,18 @@ def load_run(run_dir: Path):
     from jsonargparse import ArgumentParser
     from lightning import LightningDataModule
 
+    from callbacks.checkpoint_io import read_checkpoint
     from lightning_modules import ClassificationModule
 
     config_file, checkpoint = run_dir / "config.yaml", run_dir / "checkpoints" / "last.ckpt"
     if not config_file.is_file() or not checkpoint.is_file():
         raise StudyError(f"{run_dir} is not a finished run: it needs config.yaml and checkpoints/last.ckpt")
+    position = read_checkpoint(checkpoint)  # a damaged or foreign file: one line naming it
     config = yaml.safe_load(config_file.read_text())
     parser = ArgumentParser()
     parser.add_subclass_arguments(LightningDataModule, "data")
     datamodule = parser.instantiate_classes(parser.parse_object({"data": config["data"]})).data
     module = ClassificationModule.load_from_checkpoint(checkpoint, map_location="cpu")
-    position = torch.load(checkpoint, map_location="cpu", weights_only=False)
     config["weights_at"] = {"epoch": position.get("epoch"), "step": position.get("global_step")}
     return module, datamodule, config
 
