@@ -100,16 +100,14 @@ class ResultsCallback(L.Callback):
     def run_name(self, trainer: L.Trainer) -> str:
         return self.run or Path(trainer.default_root_dir).resolve().name
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
-        # Read after the step, before Lightning steps an epoch-interval scheduler (which happens after the last
-        # batch and before on_train_epoch_end, so reading there gives the next epoch's rate). A per-step
-        # schedule (detection's warm-up) sets the rate before each step: this is the epoch's last step's.
-        if trainer.optimizers:
-            groups = trainer.optimizers[0].param_groups
-            self._epoch_lrs = {"lr": float(groups[0]["lr"])}
-            if len(groups) > 1:
-                self._epoch_lrs.update({f"lr/{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(groups)})
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        # The rates this step uses: after a per-step schedule has set them (detection's warm-up, in the module's
+        # on_train_batch_start) and before Lightning steps an epoch-interval scheduler, which it does before
+        # on_train_batch_end of an epoch's last batch (so reading at epoch end gives the next epoch's rate).
+        groups = optimizer.param_groups
+        self._epoch_lrs = {"lr": float(groups[0]["lr"])}
+        if len(groups) > 1:
+            self._epoch_lrs.update({f"lr/{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(groups)})
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:

@@ -151,7 +151,6 @@ def test_a_truncated_predictions_file_is_one_line(tmp_path, capsys):
     path = tmp_path / "cells" / "fp32-seed0" / "predictions.npz"
     save_predictions(path, {"clean": np.ones(10, dtype=bool)})
     path.write_bytes(path.read_bytes()[:40])
-    save_predictions(tmp_path / "cells" / "lsq-w4a4-seed0" / "predictions.npz", {"clean": np.ones(10, dtype=bool)})
     error = report_error(tmp_path, capsys)
     assert str(path) in error and "not a readable predictions file" in error
 
