@@ -58,14 +58,14 @@ def load_image_folder(split_dir: Path, class_names: list[str]) -> tuple[np.ndarr
     folder = split_dir.parent / ".qreg-cache"
     note = folder / f"{split_dir.name}-files-{stat_signature(split_dir, paths)[:16]}.json"
     try:
-        source = json.loads(note.read_text())["content"]
+        source, noted = json.loads(note.read_text())["content"], True
     except (OSError, ValueError, KeyError, TypeError):
-        source = source_digest(split_dir, paths)
-        with contextlib.suppress(OSError):
-            save_json(note, {"content": source})
+        source, noted = source_digest(split_dir, paths), False
     cache = folder / f"{split_dir.name}-{source[:16]}.npy"
     cached = load_array(cache, source, what="decoded-image cache", mmap=True)
     if cached is not None and cached.shape[0] == len(paths):
+        if not noted:
+            _note_quietly(note, source)
         return np.ascontiguousarray(cached), labels
     decoded = [_decode(p) for p in paths]
     shapes = {im.shape for im in decoded}
@@ -73,7 +73,13 @@ def load_image_folder(split_dir: Path, class_names: list[str]) -> tuple[np.ndarr
         raise DataError(f"images under {split_dir} differ in size: {sorted(shapes)[:3]}")
     images = np.stack(decoded)
     _save_quietly(cache, images, source)
+    _note_quietly(note, source)
     return images, labels
+
+
+def _note_quietly(note: Path, source: str) -> None:
+    with contextlib.suppress(OSError):
+        save_json(note, {"content": source})
 
 
 def stat_signature(root: Path, paths: list[Path]) -> str:
