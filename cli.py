@@ -43,8 +43,10 @@ from datamodules.errors import DataError
 from lightning_modules.divergence import TrainingDiverged
 from lightning_modules.models import UnknownModelError
 from quantizers import QuantSpecError
+from records.exits import EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR
+from records.store import ResultsStoreError
+from records.wandb_mode import wandb_is_online
 from study.grid import StudyError
-from study.store import ResultsStoreError
 
 # Lightning's own use of deprecated jsonargparse calls is not the user's concern, nor is W&B's chatter
 # (set WANDB_SILENT=false to see it); qreg prints where an offline run went.
@@ -82,22 +84,8 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 # OSError is the user's only when it names a file the user named (or one inside it), else it is a bug.
 ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 RUNS_DIR = "runs"
-EXIT_DIVERGED = 3  # the loss became NaN/inf: a result, not a crash (a study records it and goes on)
-EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
-EXIT_SIGINT = 130  # 128 + SIGINT (Ctrl-C)
 INTERRUPTED_LINE = ("qreg: stopped by {signal}; a fit's checkpoints/last.ckpt holds its progress: resume with "
                     "--ckpt_path <run>/checkpoints/last.ckpt")
-
-
-def wandb_is_online() -> bool:
-    """True when W&B credentials exist (env var or `wandb login`); otherwise runs are logged offline."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return "api.wandb.ai" in netrc.read_text()
-    except OSError:
-        return False
 
 
 def _default_run_dir(config: Any, subcommand: str) -> str:
@@ -724,7 +712,7 @@ def _main(argv: list[str] | None) -> int:
         if mistake is None:
             raise
         print(f"qreg: error: {_one_line(mistake)}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except SIGTERMException:
         if _CtrlC.received:
             print(INTERRUPTED_LINE.format(signal="Ctrl-C (SIGINT)"), file=sys.stderr)

@@ -2,7 +2,7 @@
 
 On a fixed subset of the training images (no augmentation, eval mode) it measures the training loss and
 accuracy of the model as tested (for the train-test gap), and, on the full-precision function of its weights
-(fake quantization off, see study/mechanism.py), the mean loss increase under random weight perturbations
+(fake quantization off, see records/mechanism.py), the mean loss increase under random weight perturbations
 of relative size rho and the Hessian trace. They reach the results store as split "train" rows beside the
 test rows (the same atomic append), so the report can put them next to the corruption deltas.
 """
@@ -13,9 +13,8 @@ import lightning as L
 import torch
 
 from datamodules.subsets import stratified_indices
-from study.mechanism import fake_quantization_off, hessian_trace, loss_and_accuracy, sharpness
-
-TRAIN_SPLIT = "train"
+from records.mechanism import fake_quantization_off, hessian_trace, loss_and_accuracy, sharpness
+from records.splits import TRAIN
 
 
 def training_batches(datamodule, images: int, batch_size: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -42,6 +41,8 @@ class FlatnessCallback(L.Callback):
         hessian_samples: Rademacher vectors averaged for the Hessian trace.
     """
 
+    adds_test_results = True  # writes pl_module.test_results in on_test_end: ResultsCallback must come after it
+
     def __init__(self, enabled: bool = True, images: int = 256, rho: float = 0.05, samples: int = 8,
                  hessian_samples: int = 4) -> None:
         super().__init__()
@@ -66,7 +67,7 @@ class FlatnessCallback(L.Callback):
                     trace, trace_error = hessian_trace(net, batches, self.hessian_samples)
         finally:
             net.train(was_training)
-        pl_module.test_results[TRAIN_SPLIT] = {
+        pl_module.test_results[TRAIN] = {
             "loss": loss, "accuracy": accuracy, "sharpness": sharp, "sharpness_stderr": sharp_error,
             "hessian_trace": trace, "hessian_trace_stderr": trace_error,
         }

@@ -23,10 +23,10 @@ from datamodules.corruptions.splits import (
     CorruptedTest,
     CorruptionCache,
     OnTheFlyCorruption,
-    split_name,
 )
 from datamodules.errors import DataError
 from datamodules.subsets import classes_covered, stratified_indices
+from records.splits import CLEAN, split_name
 
 # Maps (uint8 NxHxWx3 images, their dataset indices) to images of the same shape: e.g. a corruption.
 BatchTransform = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -281,15 +281,15 @@ class ImageClassificationDataModule(L.LightningDataModule):
             self.val_set = subset_of(self.val_set, stratified_indices(self.val_set.labels, self.val_subset,
                                                                       self.split_seed))
         self._clean_test_set = ArrayImageDataset(test_images, test_labels)
-        self.test_sets = {"clean": self._clean_test_set}
+        self.test_sets = {CLEAN: self._clean_test_set}
         if self.test_subset is not None:
             self._test_subset_indices = stratified_indices(test_labels, self.test_subset, self.split_seed)
-            self.test_sets["clean"] = subset_of(self._clean_test_set, self._test_subset_indices)
+            self.test_sets[CLEAN] = subset_of(self._clean_test_set, self._test_subset_indices)
 
     def _corrupted_test_sets(self) -> dict[str, ArrayImageDataset]:
         settings = self.corrupted_test
         # The whole clean set: corruption seeds, caches and the official release are indexed by it.
-        clean = getattr(self, "_clean_test_set", None) or self.test_sets["clean"]
+        clean = getattr(self, "_clean_test_set", None) or self.test_sets[CLEAN]
         splits = settings.splits()
         if not splits:
             return {}
@@ -314,7 +314,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
     @property
     def test_split_names(self) -> list[str]:
         """Names of the test dataloaders, in dataloader_idx order."""
-        return list(self.test_sets) or ["clean"]
+        return list(self.test_sets) or [CLEAN]
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False,
                 sampler: Sampler | None = None) -> DataLoader:
@@ -336,7 +336,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return [self._loader(ds, self.eval_batch_size, shuffle=False) for ds in self.test_sets.values()]
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_sets["clean"], self.eval_batch_size, shuffle=False)
+        return self._loader(self.test_sets[CLEAN], self.eval_batch_size, shuffle=False)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 Nx3xHxW -> normalised float."""

@@ -28,11 +28,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from records.exits import EXIT_DIVERGED, EXIT_USER_ERROR
+from records.store import RESULTS_FILE, read_rows
 from study.grid import Cell, StudyConfig, StudyError
-from study.store import RESULTS_FILE, read_rows
 
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
-EXIT_DIVERGED = 3
 FINAL_METRICS = ("accuracy", "map50")  # a cell whose clean test row exists is finished
 INTERRUPTED_STATUSES = (130, 143)  # what `cli.py fit` ends with after Ctrl-C / SIGTERM, having saved last.ckpt
 
@@ -231,8 +231,8 @@ class StudyRunner:
             return Outcome(cell, "interrupted", seconds, detail=f"stopped by {sent}; resumes from its checkpoint",
                            exit_status=status)
         if code != 0:
-            if code == 2:
-                raise StudyError(f"cell {cell.name} was refused (exit status 2): fix the study's config or args")
+            if code == EXIT_USER_ERROR:
+                raise StudyError(f"cell {cell.name} was refused (exit status {code}): fix the study's config or args")
             return Outcome(cell, "failed", seconds, detail=f"exit status {code}")
         if cell_status(self.rows(), cell) is None:
             return Outcome(cell, "failed", seconds, detail="it wrote no test results")

@@ -6,8 +6,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from records.store import write_atomically
 from study.grid import StudyConfig, StudyError
-from study.store import write_atomically
 
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
 

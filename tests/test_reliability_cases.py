@@ -27,7 +27,7 @@ from cli import _default_run_dir, user_error
 from conftest import REPO, run_cli
 from datamodules.array_cache import digest_path
 from datamodules.cifar import CIFAR10_CLASSES
-from study.store import read_rows
+from records.store import read_rows
 
 BASE = ["--data", "DigitsDataModule", "--model", "ClassificationModule", "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",

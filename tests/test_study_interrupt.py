@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli
-from study.store import read_rows
+from records.store import read_rows
 
 EPOCHS, BATCHES = 6, 4
 FAST = ["--trainer.limit_train_batches", str(BATCHES), "--trainer.limit_val_batches", "1",

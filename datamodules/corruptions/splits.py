@@ -24,8 +24,13 @@ from typing import Literal
 import numpy as np
 
 from datamodules.array_cache import digest_path, load_array, save_array
-from datamodules.corruptions.engine import CORRUPTIONS, SEVERITIES, corrupt, engine_fingerprint
+from datamodules.corruptions.engine import corrupt, engine_fingerprint
 from datamodules.errors import DataError
+from records.splits import (
+    CORRUPTIONS,
+    SEVERITIES,
+    split_name,  # noqa: F401 - where the VOC DataModule imports it from
+)
 
 RELEASE_IMAGES_PER_SEVERITY = 10_000
 
@@ -71,10 +76,6 @@ class CorruptedTest:
     def splits(self) -> list[tuple[str, int]]:
         """(corruption, severity) pairs in the canonical order."""
         return [(name, severity) for name in self.names for severity in sorted(set(self.severities))]
-
-
-def split_name(corruption: str, severity: int) -> str:
-    return f"{corruption}/{severity}"
 
 
 class OnTheFlyCorruption:
