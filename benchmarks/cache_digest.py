@@ -10,6 +10,7 @@ side (best of 3 for the hashes).
 from __future__ import annotations
 
 import argparse
+import sys
 import tarfile
 import tempfile
 import time
@@ -17,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.array_cache import array_digest
-from datamodules.cifar import CIFAR10_CLASSES, _decode, source_digest
-from datamodules.corruptions import corrupt
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datamodules.array_cache import array_digest  # noqa: E402
+from datamodules.cifar import CIFAR10_CLASSES, _decode, source_digest, stat_signature  # noqa: E402
+from datamodules.corruptions import corrupt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,8 +50,10 @@ def main() -> None:
         decode = time.perf_counter() - start
         source = best_of(lambda: source_digest(test, paths))
         array = best_of(lambda: array_digest(images))
-        print(f"decoded-image cache, {len(paths)} JPEGs: decode {decode:.2f} s; source digest {source:.3f} s "
-              f"({100 * source / decode:.1f} %), array digest {array:.3f} s ({100 * array / decode:.1f} %)")
+        stat = best_of(lambda: stat_signature(test, paths))
+        print(f"decoded-image cache, {len(paths)} JPEGs: decode {decode:.2f} s; unchanged folder: stat signature "
+              f"{stat:.3f} s + array digest {array:.3f} s = {100 * (stat + array) / decode:.1f} % of decoding; "
+              f"changed folder: content digest {source:.3f} s ({100 * source / decode:.1f} %)")
         start = time.perf_counter()
         corrupted = corrupt(images, "gaussian_noise", 3, "cifar", 0, index=0)
         generate = time.perf_counter() - start

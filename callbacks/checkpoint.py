@@ -10,11 +10,18 @@ monitored validation loss improves: with `monitor="val/loss"` it would hold the 
 "final" weights tested after fit, and a resume, would silently be those of an earlier epoch. Here `last.ckpt`
 is written at the end of every epoch (after its validation), and `best-<epoch>.ckpt` stays the
 lowest-validation-loss one.
+
+A SIGTERM (or Ctrl-C) that arrives during an epoch's validation is held until the validation has ended:
+Lightning would otherwise stop mid-validation, and the resumed run skips the rest of that validation, so the
+epoch's row in metrics.jsonl would have no validation loss or accuracy (a gap in Figure 1). The epoch then
+ends normally (its row, its `last.ckpt`) and the run stops right after.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
@@ -34,6 +41,37 @@ class RunCheckpoint(ModelCheckpoint):
         super().__init__(monitor=monitor, filename=filename, save_last=save_last, auto_insert_metric_name=False,
                          **kwargs)
 
+    _HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        super().on_validation_start(trainer, pl_module)
+        self._held: list[int] = []
+        self._handlers: dict[int, object] = {}
+        if trainer.state.fn != TrainerFn.FITTING or threading.current_thread() is not threading.main_thread():
+            return
+        for number in self._HELD_SIGNALS:
+            handler = signal.getsignal(number)
+            if callable(handler):
+                self._handlers[number] = handler
+                signal.signal(number, self._hold)
+
+    def _hold(self, number: int, _frame) -> None:
+        if number == signal.SIGINT and number in self._held:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop at once
+        self._held.append(number)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._release()
+
+    def _release(self, replay: bool = True) -> None:
+        handlers, held = getattr(self, "_handlers", {}), getattr(self, "_held", [])
+        self._handlers, self._held = {}, []
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(held if replay else []):  # now Lightning's (and qreg's Ctrl-C) handler sees it
+            handlers[number](number, None)
+
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
@@ -52,6 +90,7 @@ class RunCheckpoint(ModelCheckpoint):
             super()._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._release(replay=False)  # stopping already: restore the handlers only
         # Preemption (SIGTERM, e.g. a cluster's time limit): keep the progress of the interrupted epoch in
         # last.ckpt; a resumed run continues at the next batch (see EpochShuffleSampler).
         # Ctrl-C takes the same path (cli.py turns it into Lightning's SIGTERM flag, so it lands between batches).

@@ -52,6 +52,10 @@ def _write_atomically(path: Path, write) -> None:
         raise
 
 
+def save_json(path: Path, record: dict) -> None:
+    _write_atomically(Path(path), lambda handle: handle.write(json.dumps(record).encode()))
+
+
 def save_array(path: Path, array: np.ndarray, source: str = "") -> None:
     """Save `array` and then its digest (and the `source` key it was built from) atomically."""
     path = Path(path)

@@ -85,7 +85,7 @@ def damaged_checkpoint(kind: str):
     return make
 
 
-def evaluating_with(kind: str):
+def evaluate_with(kind: str):
     def command(w, tmp):
         return ["test", *BASE, *LSQ4, "--ckpt_path", str(damaged_checkpoint(kind)(w, tmp)),
                 "--trainer.default_root_dir", str(tmp / "out")]
@@ -225,13 +225,13 @@ def nothing_written(w, tmp):
 # name: (command, expected status, text of the one error line (None: exit 0), check of the files afterwards)
 CASES = {
     # checkpoints handed to test / fit
-    "test: truncated checkpoint": (evaluating_with("truncated"), 2, "cannot be loaded", nothing_written),
-    "test: empty checkpoint": (evaluating_with("empty"), 2, "empty.ckpt cannot be loaded", nothing_written),
-    "test: checkpoint of zeros": (evaluating_with("zeros"), 2, "zeros.ckpt cannot be loaded", nothing_written),
-    "test: a YAML file as checkpoint": (evaluating_with("yaml"), 2, "yaml.ckpt cannot be loaded", nothing_written),
-    "test: a directory as checkpoint": (evaluating_with("directory"), 2, "directory.ckpt is not a file", nothing_written),
-    "test: a checkpoint qreg did not write": (evaluating_with("foreign"), 2, "lacks epoch, global_step", nothing_written),
-    "test: unknown hyperparameter": (evaluating_with("unknown_hparam"), 2,
+    "test: truncated checkpoint": (evaluate_with("truncated"), 2, "cannot be loaded", nothing_written),
+    "test: empty checkpoint": (evaluate_with("empty"), 2, "empty.ckpt cannot be loaded", nothing_written),
+    "test: checkpoint of zeros": (evaluate_with("zeros"), 2, "zeros.ckpt cannot be loaded", nothing_written),
+    "test: a YAML file as checkpoint": (evaluate_with("yaml"), 2, "yaml.ckpt cannot be loaded", nothing_written),
+    "test: a directory as checkpoint": (evaluate_with("directory"), 2, "directory.ckpt is not a file", nothing_written),
+    "test: a checkpoint qreg did not write": (evaluate_with("foreign"), 2, "lacks epoch, global_step", nothing_written),
+    "test: unknown hyperparameter": (evaluate_with("unknown_hparam"), 2,
                                      "does not accept: bogus_option", nothing_written),
     "fit: resume from a truncated checkpoint": (
         lambda w, tmp: fit_with("--ckpt_path", str(damaged_checkpoint("truncated")(w, tmp)))(w, tmp), 2,
@@ -392,3 +392,22 @@ def test_only_errors_about_files_the_user_named_are_user_errors(tmp_path):
     assert user_error(internal, ["fit", "--data.init_args.root", named]) is None  # a bug keeps its traceback
     full = OSError(28, "No space left on device", "/anywhere/file")
     assert "No space left" in str(user_error(full, []))
+
+
+def test_testing_over_many_splits_shows_one_bar_with_the_split_and_the_time_left(digits_fast_args, tmp_path,
+                                                                                 capsys):
+    from rich.progress import TimeRemainingColumn
+
+    from callbacks.progress import SplitsProgressBar
+
+    bar = SplitsProgressBar(leave=True)
+    assert any(isinstance(c, TimeRemainingColumn) for c in bar.configure_columns(None))
+    at = digits_fast_args.index("--trainer.enable_progress_bar")
+    args = [*digits_fast_args[:at], *digits_fast_args[at + 2:],
+            "--data.init_args.corrupted_test.corruptions", "[fog, snow]",
+            "--data.init_args.corrupted_test.severities", "[1]", "--test_after_fit", "true"]
+    capsys.readouterr()
+    assert run_cli("fit", *args) == 0
+    out = capsys.readouterr().out
+    assert "Testing snow/1 (split 3/3)" in out, out[-3000:]
+    assert "Testing clean (split 1/3)" not in out.split("Testing snow/1")[-1]  # one bar, renamed, not three
