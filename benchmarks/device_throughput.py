@@ -148,10 +148,11 @@ def table(args, rates, eval_images_s, yolo, where: str) -> str:
                 rate = rates.get((model, method, mode))
                 base = rates.get((model, "fp32", mode))
                 if (model, method, mode) not in rates:
+                    cells.append("-")
                     continue
                 cells.append("over budget" if rate is None else
                              f"{rate:,.0f} ({base / rate:.2f}x)" if base else f"{rate:,.0f}")
-            if cells:
+            if any(cell != "-" for cell in cells):
                 lines.append(f"| {model} | {method} | " + " | ".join(cells) + " |")
     best = "compiled bf16" if rates.get(("resnet20", "lsq", "compiled bf16")) else "eager bf16"
     lsq20 = rates[("resnet20", "lsq", best)]
@@ -197,7 +198,8 @@ def main() -> None:
     if args.dry_run:
         args.batch_size, args.rounds, args.steps, args.backend = 8, 1, 1, "eager"
         args.eval_batch, args.eval_batches, args.yolo_size, args.yolo_batch = 16, 1, 64, 2
-        models = [("resnet20", MODES, every)]
+        # every method eagerly; compiled (dynamo only) for FP32 and LSQ, to keep the CI run short
+        models = [("resnet20", MODES[:2], every), ("resnet20", MODES[2:], ["fp32", "lsq"])]
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     start = time.perf_counter()
     rates = training_rates(args, models, start + args.budget)

@@ -147,3 +147,23 @@ def test_bf16_mixed_digits_fit_reaches_90_percent(config, tmp_path):
     (accuracy,) = [r["value"] for r in rows if r["metric"] == "accuracy" and r["corruption"] == "clean"]
     print(f"{config} bf16-mixed on CPU: clean test accuracy {accuracy:.2f} %")
     assert accuracy >= 90.0
+
+
+def test_yolov5n_lsq_step_under_bf16_autocast():
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import detection  # benchmarks/detection.py: a batch of synthetic rectangles (or VOC dev images) and a step
+
+    batch, _ = detection.training_batch(64, 2)
+    trainee = detection.Trainee(detection.METHODS["lsq W4A4"], batch, 20, "cpu")  # one float32 step: LSQ init
+    trainee.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = trainee.loss()
+    assert torch.isfinite(loss)
+    loss.backward()
+    steps = [p for n, p in trainee.net.named_parameters() if n.endswith("step")]
+    assert steps and all(p.grad is not None and p.grad.dtype == torch.float32 for p in steps)
+    assert all(torch.isfinite(p.grad).all() for p in steps)
