@@ -15,7 +15,7 @@ import torch
 
 from conftest import REPO, run_cli
 from quantizers import DoReFaActQuantizer, DoReFaWeightQuantizer, LSQQuantizer, PACTQuantizer
-from study.store import read_rows
+from records.store import read_rows
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -14,7 +14,7 @@ from conftest import run_cli
 from quantizers import DoReFaActQuantizer, DoReFaWeightQuantizer, GaussianWeightNoise, LSQQuantizer, PACTQuantizer
 from quantizers.lsq import _lsq_traceable
 from quantizers.pact import _pact_traceable
-from study.store import read_rows
+from records.store import read_rows
 
 
 def _lsq(activation: bool, per_channel: bool = False) -> LSQQuantizer:
