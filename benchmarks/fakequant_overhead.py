@@ -6,8 +6,9 @@
 For each method (fp32, lsq W4A4, pact_dorefa W4A4, dorefa W4) and mode (eager, torch.compile), the time of
 one SGD step (forward, cross-entropy, backward, optimizer step) on random 32x32 inputs. The configurations
 are interleaved round by round so drift in the machine's speed hits all of them alike; each figure is the
-median over rounds. Ratios are against FP32 in the same mode. Targets (issue 2): eager <= 1.4x,
-compiled <= 1.15x of compiled FP32.
+median over rounds. Ratios are against FP32 in the same mode. Targets (issues 2 and 10): eager <= 1.4x,
+compiled <= 1.15x of compiled FP32. The compiled models go the way `compile: true` takes them:
+quantize, compile (`compile_after_initialization`), train, with no eager step before compiling.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from timing import TimedTrainingStep  # noqa: E402  (benchmarks/, the script's o
 
 from lightning_modules.models import build_model  # noqa: E402
 from quantizers import QuantSpec, parameter_groups, quantize_model  # noqa: E402
+from quantizers.compiling import compile_after_initialization  # noqa: E402
 
 METHODS = {
     "fp32": QuantSpec(),
@@ -46,14 +48,14 @@ class Trainee(TimedTrainingStep):
         self.optimizer = torch.optim.SGD(parameter_groups(self.model, 1e-4), lr=0.01, momentum=0.9)
         self.images, self.labels = batch
         self.device = device
-        # The first step runs eagerly: LSQ's data-dependent activation init is a one-off host-side branch, and
-        # compiling it would only add a graph that is thrown away after one call. Then compile and warm up.
+        # The users' path (`compile: true`): quantize, compile, train. The compiled call itself runs the first
+        # training step eagerly (LSQ's data-dependent init), then switches to the graph; the warm-up steps
+        # below are timed as part of the set-up, not the measurement.
         start = time.perf_counter()
-        self.step()
         if compiled:
-            self.model.compile()
-        self.step()
-        self.step()
+            compile_after_initialization(self.model)
+        for _ in range(3):
+            self.step()
         self.warmup_seconds = time.perf_counter() - start
 
     def loss(self) -> torch.Tensor:

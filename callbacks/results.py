@@ -124,10 +124,12 @@ class ResultsCallback(L.Callback):
         from lightning_modules.divergence import TrainingDiverged
 
         if isinstance(exception, TrainingDiverged) and trainer.is_global_zero:
+            # the step the loss first went non-finite (the check that raised may come a few steps later)
+            step = trainer.global_step if exception.step is None else exception.step
             identity = run_identity(trainer, pl_module, self.study, self.run_name(trainer))
             append_rows(self.results_path(trainer), [{**identity, "split": "train", "corruption": "none",
                                                       "severity": 0, "metric": "diverged",
-                                                      "value": float(trainer.global_step)}])
+                                                      "value": float(step)}])
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:

@@ -43,11 +43,38 @@ class ArrayImageDataset(Dataset):
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
+        self._resident: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def resident(self) -> bool:
+        """Whether batches are indexed from a copy on the accelerator (`to_device`)."""
+        return self._resident is not None
+
+    def to_device(self, device: torch.device) -> None:
+        """Keep a copy of the uint8 images and the labels on `device` and serve batches by indexing there.
+
+        The numpy arrays stay as they are (the corrupted splits are made from them). Only for sets without a
+        host-side transform: an on-the-fly corruption needs the numpy images.
+        """
+        if self.transform is not None:
+            raise DataError("a set corrupted on the fly cannot be device-resident (cache its splits instead)")
+        # torch.tensor copies (cached splits are read-only memory maps, which torch.from_numpy would share)
+        self._resident = (torch.tensor(self.images, device=device), torch.tensor(self.labels, device=device))
+
+    def _getitems_resident(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self._resident
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        if images.device.type == "cuda":
+            index = index.pin_memory().to(images.device, non_blocking=True)
+        # the same NHWC -> NCHW view as the host path, so both serve identical (and identically strided) batches
+        return images[index].permute(0, 3, 1, 2), labels[index]
+
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.resident:
+            return self._getitems_resident(indices)
         indices = np.asarray(indices, dtype=np.int64)
         images = self.images[indices]
         if self.transform is not None:
@@ -190,6 +217,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         crop_padding: int = 4,
         augment: bool = True,
         corrupted_test: CorruptedTest = CorruptedTest(),  # noqa: B008 (frozen, safe to share)
+        device_resident: bool = False,
         test_subset: int | None = None,
         val_subset: int | None = None,
     ) -> None:
@@ -205,6 +233,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
             corrupted_test: corrupted copies of the test set served after the clean one: by default all
                 19 corruptions x 5 severities of the cifar profile, generated on the fly; `corruptions: []`
                 serves the clean test set only.
+            device_resident: keep the uint8 train, val and test images (and cached or released corrupted
+                splits) on the accelerator and index batches there, in the same (seed, epoch) order; splits
+                corrupted on the fly stay on the host. Off, batches are copied from pinned host memory.
             test_subset: evaluate on this many test images, drawn class-stratified under split_seed, the same
                 images in the clean and in every corrupted split (null: the whole test set). Prefer it to
                 `limit_test_batches`, which takes the first batches of a set that may be ordered by class.
@@ -225,6 +256,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.crop_padding = crop_padding
         self.augment = augment
         self.corrupted_test = corrupted_test
+        self.device_resident = device_resident
         for name, value in (("test_subset", test_subset), ("val_subset", val_subset)):
             if value is not None and value < 1:
                 raise DataError(f"data.init_args.{name} must be >= 1 images (or null for all), got {value}")
@@ -247,6 +279,18 @@ class ImageClassificationDataModule(L.LightningDataModule):
                 corrupted = {name: subset_of(ds, self._test_subset_indices) for name, ds in corrupted.items()}
             self.test_sets.update(corrupted)
         self._warn_if_limits_skip_classes()
+        if self.device_resident:
+            self._move_to_device()
+
+    def _device(self) -> torch.device:
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _move_to_device(self) -> None:
+        device = self._device()
+        for dataset in (self.train_set, self.val_set, *self.test_sets.values()):
+            if dataset is not None and dataset.transform is None and not dataset.resident:
+                dataset.to_device(device)
 
     def _warn_if_limits_skip_classes(self) -> None:
         trainer = getattr(self, "trainer", None)
@@ -318,9 +362,14 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False,
                 sampler: Sampler | None = None) -> DataLoader:
+        resident = getattr(dataset, "resident", False)
+        # device-resident batches are indexed in the main process; host batches go to a GPU from pinned
+        # memory, which Lightning's transfer then copies without blocking
+        workers = 0 if resident else self.num_workers
+        pin = not resident and self._device().type == "cuda"
         return DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=keep_batch,
-            sampler=sampler, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            sampler=sampler, num_workers=workers, persistent_workers=workers > 0, pin_memory=pin,
             generator=loader_generator(),
         )
 

@@ -1,4 +1,10 @@
-"""Stop a run whose loss stops being finite, naming where it went bad."""
+"""Stop a run whose loss stops being finite, naming where it went bad, without a host sync per step.
+
+Reading the loss on the host every step (`bool(torch.isfinite(loss))`) stalls a GPU's launch queue. Instead
+each step records on the device, with no read-back, the first step whose loss was not finite and that loss;
+the host reads the record once per `trainer.log_every_n_steps` and at the end of every epoch (and of
+`max_steps`), so a diverged run still stops within a few steps, naming the exact step it diverged at.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,10 @@ from torch import nn
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; a study records the cell as diverged and goes on."""
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step  # the first step whose loss was not finite
 
 
 def first_non_finite(net: nn.Module) -> str | None:
@@ -20,14 +30,53 @@ def first_non_finite(net: nn.Module) -> str | None:
     return None
 
 
+class DivergenceRecord:
+    """The first non-finite loss of a run, kept on the loss's device: its step (-1: none yet) and value."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.loss = torch.zeros((), dtype=torch.float32, device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        """Remember `step` if this is the first non-finite loss; device ops only (the step is a kernel argument)."""
+        first = ~torch.isfinite(loss.detach()) & (self.step < 0)
+        self.step = torch.where(first, step, self.step)
+        self.loss = torch.where(first, loss.detach().float(), self.loss)
+
+    def read(self) -> tuple[int, float] | None:
+        """(step, loss) of the first non-finite loss, or None: the one host sync."""
+        step = int(self.step.item())
+        return None if step < 0 else (step, float(self.loss.item()))
+
+
+def is_check_step(trainer, step: int) -> bool:
+    """Whether the host reads the record at this training step: a logging step, an epoch's last batch, the last step."""
+    every = max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1))
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    last_of_epoch = progress.ready >= trainer.num_training_batches
+    last_step = 0 < trainer.max_steps <= step + 1
+    return (step + 1) % every == 0 or last_of_epoch or last_step
+
+
 def check_finite_loss(module, loss: torch.Tensor) -> None:
-    """Raise TrainingDiverged if `loss` is not finite (one host sync per step)."""
-    if bool(torch.isfinite(loss)):
+    """Record a non-finite loss on the device; on check steps, raise TrainingDiverged if one was recorded."""
+    record = getattr(module, "_divergence_record", None)
+    if record is None or record.step.device != loss.device:
+        record = module._divergence_record = DivergenceRecord(loss.device)
+    step = module.global_step
+    record.update(loss, step)
+    if not is_check_step(module.trainer, step):
         return
+    diverged = record.read()
+    if diverged is None:
+        return
+    first_step, value = diverged
     culprit = first_non_finite(module.net)
-    where = (f"first non-finite tensor: {culprit}" if culprit
+    when = "" if first_step == step else f" at step {step}, when checked"
+    where = (f"first non-finite tensor{when}: {culprit}" if culprit
              else "every parameter is finite, so the forward pass itself overflowed")
     raise TrainingDiverged(
-        f"training diverged at step {module.global_step} (epoch {module.current_epoch}): loss is "
-        f"{loss.item()}; {where}; lower the learning rate or raise the bit width"
+        f"training diverged at step {first_step} (epoch {module.current_epoch}): loss is {value}; {where}; "
+        "lower the learning rate or raise the bit width",
+        step=first_step,
     )

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from quantizers.errors import QuantSpecError
-from quantizers.straight_through import RoundSTE, pass_between
+from quantizers.straight_through import RoundSTE, in_float32, pass_between
 
 
 def quantize_k(r: torch.Tensor, bits: int) -> torch.Tensor:
@@ -45,32 +45,35 @@ class DoReFaWeightQuantizer(nn.Module):
 
     def _max(self, t: torch.Tensor) -> torch.Tensor:
         if self.per_channel:
-            return t.abs().flatten(1).amax(1).view(-1, *([1] * (t.dim() - 1)))
+            return t.abs().amax(dim=tuple(range(1, t.dim())), keepdim=True)
         return t.abs().max()
 
     def unrounded_and_rounded(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tanh(w) / max|tanh(w)| and its k-bit quantization, both in [-1, 1] (before any rescale)."""
-        t = torch.tanh(w)
+        """tanh(w) / max|tanh(w)| and its k-bit quantization, both in [-1, 1] (before any rescale), in float32."""
+        t = torch.tanh(in_float32(w))
         normalized = t / (2 * self._max(t)) + 0.5
         return 2 * normalized - 1, 2 * quantize_k(normalized, self.bits) - 1
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         w_q = self.unrounded_and_rounded(w)[1]
         if self.rescale:
-            w_q = w_q * self._max(w).detach()
-        return w_q
+            w_q = w_q * self._max(in_float32(w)).detach()
+        return w_q.to(w.dtype)
 
 
 class _DoReFaActFunction(torch.autograd.Function):
+    """In float32 whatever x's dtype (see `straight_through.in_float32`), handed back in x's dtype."""
+
     @staticmethod
     def forward(ctx, x, levels):
         ctx.save_for_backward(x)
-        return x.clamp(0, 1).mul_(levels).round_().div_(levels)
+        return in_float32(x).clamp(0, 1).mul_(levels).round_().div_(levels).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
-        return pass_between(grad_out, x, 0.0, 1.0, include_low=True, include_high=True), None
+        x_32, grad_32 = in_float32(x), in_float32(grad_out)
+        return pass_between(grad_32, x_32, 0.0, 1.0, include_low=True, include_high=True).to(x.dtype), None
 
 
 class DoReFaActQuantizer(nn.Module):

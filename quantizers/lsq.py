@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from quantizers.errors import QuantSpecError, check_non_negative
-from quantizers.straight_through import pass_between
+from quantizers.straight_through import dot_in_memory_order, in_float32, pass_between
 
 # Smallest step the forward pass uses; the stored parameter may dip below it without losing its gradient.
 _MIN_STEP = 1e-8
@@ -40,54 +40,70 @@ def _broadcast_step(step: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return step if step.dim() == 0 else step.view(-1, *([1] * (x.dim() - 1)))
 
 
+def _lsq_levels(x: torch.Tensor, step: torch.Tensor, q_neg: int, q_pos: int) -> torch.Tensor:
+    """round(clip(x/s, -Qn, Qp)) * s in float32, for a per-tensor step."""
+    return torch.clamp(in_float32(x), -q_neg * step, q_pos * step).div_(step).round_().mul_(step)
+
+
 class _LSQFunction(torch.autograd.Function):
     """Per-tensor LSQ in few passes, saving nothing the network does not keep alive anyway.
 
     With out = round(clip(x/s, -Qn, Qp)) * s, the step gradient summed over elements is
         sum(g * (round(v) - v) inside, -Qn below, Qp above) = (sum_inside g * (out - x) + sum_outside g * out) / s,
     since outside the range round(clip(v)) is the clipped level. x (the previous ReLU's output) and out (the
-    next conv's input) are saved by those ops too, so saving them here costs no memory.
+    next conv's input) are saved by those ops too, so saving them here costs no memory. A half-precision x
+    (autocast) is quantized in float32 and the levels handed back in x's dtype; its backward recomputes the
+    float32 levels from x rather than keeping a float32 copy alive.
     """
 
     @staticmethod
     def forward(ctx, x, step, q_neg, q_pos, grad_scale):
-        out = torch.clamp(x, -q_neg * step, q_pos * step).div_(step).round_().mul_(step)
-        ctx.save_for_backward(x, out, step)
+        out = _lsq_levels(x, step, q_neg, q_pos)
+        ctx.save_for_backward(x, out if out.dtype == x.dtype else None, step)
         ctx.grid = (q_neg, q_pos, grad_scale)
-        return out
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, out, step = ctx.saved_tensors
         q_neg, q_pos, grad_scale = ctx.grid
-        grad_x = pass_between(grad_out, x, -q_neg * step, q_pos * step)
+        if out is None:
+            out = _lsq_levels(x, step, q_neg, q_pos)
+        x_32, grad_32 = in_float32(x), in_float32(grad_out)
+        grad_x = pass_between(grad_32, x_32, -q_neg * step, q_pos * step)
         # Inside and outside summed apart: sum(g * out) - sum(g * x) over all elements would cancel
         # catastrophically in float32 (two large sums, a small difference).
-        inside = torch.dot(grad_x.reshape(-1), (out - x).reshape(-1))
-        outside = torch.dot((grad_out - grad_x).reshape(-1), out.reshape(-1))
-        return grad_x, (inside + outside) / step * grad_scale, None, None, None
+        inside = dot_in_memory_order(grad_x, out - x_32)
+        outside = dot_in_memory_order(grad_32 - grad_x, out)
+        return grad_x.to(x.dtype), (inside + outside) / step * grad_scale, None, None, None
+
+
+def _channel_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over every dim but the first, in place of flatten(1).sum(1) (a copy for a channels_last weight)."""
+    return t.sum(dim=tuple(range(1, t.dim())))
 
 
 class _LSQPerChannelFunction(torch.autograd.Function):
-    """Per-channel LSQ for weights (small tensors): the formulas written out directly."""
+    """Per-channel LSQ for weights (small tensors): the formulas written out directly, in float32."""
 
     @staticmethod
     def forward(ctx, x, step, q_neg, q_pos, grad_scale):
         s = _broadcast_step(step, x)
         ctx.save_for_backward(x, step)
         ctx.grid = (q_neg, q_pos, grad_scale)
-        return (x / s).clamp_(-q_neg, q_pos).round_().mul_(s)
+        return (in_float32(x) / s).clamp_(-q_neg, q_pos).round_().mul_(s).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, step = ctx.saved_tensors
         q_neg, q_pos, grad_scale = ctx.grid
-        v = x / _broadcast_step(step, x)
+        grad_32 = in_float32(grad_out)
+        v = in_float32(x) / _broadcast_step(step, x)
         inside = (v > -q_neg) & (v < q_pos)
         # round(v) - v inside; the clipped level (-Qn or Qp) outside.
         d_step = torch.where(inside, v.round() - v, v.clamp(-q_neg, q_pos))
-        grad_step = (grad_out * d_step).flatten(1).sum(1)
-        return grad_out * inside, grad_step * grad_scale, None, None, None
+        grad_step = _channel_sum(grad_32 * d_step)
+        return (grad_32 * inside).to(x.dtype), grad_step * grad_scale, None, None, None
 
 
 def _lsq_traceable(x, step, q_neg, q_pos, grad_scale):
@@ -97,13 +113,15 @@ def _lsq_traceable(x, step, q_neg, q_pos, grad_scale):
     it cannot do across an autograd Function's hand-written backward (ResNet20 LSQ W4A4, batch 128, 2 CPU
     cores: 1.21x of compiled FP32 this way, 1.63x through the Functions; a variant with explicit masks was
     slower still). Forward values are the Functions' bit for bit (v + (round(v) - v) is exactly round(v));
-    gradients agree to rounding, since autograd multiplies by s and divides by it again.
+    gradients agree to rounding, since autograd multiplies by s and divides by it again. Half-precision
+    inputs are quantized in float32 and handed back in their own dtype, as by the Functions.
     """
+    dtype, x = x.dtype, in_float32(x)
     s = _broadcast_step(step, x)
     scaled = s * grad_scale
     s = s.detach() + (scaled - scaled.detach())  # the value of s, its gradient times g
     v = (x / s).clamp(-q_neg, q_pos)  # clamp with number bounds: open interval, as the Functions
-    return (v + (v.round() - v).detach()) * s
+    return ((v + (v.round() - v).detach()) * s).to(dtype)
 
 
 class LSQQuantizer(nn.Module):
@@ -141,10 +159,11 @@ class LSQQuantizer(nn.Module):
         """Set the step to LSQ's `2 * mean|v| / sqrt(Qp)` (per channel when the step is per channel)."""
         if self.activation and not self.signed:
             check_non_negative(values, self, "an unsigned LSQ grid", "set quantization.act_signed: true")
+        values = in_float32(values)
         if self.step.dim() == 0:
             mean_abs = values.abs().mean()
         else:
-            mean_abs = values.abs().flatten(1).mean(1)
+            mean_abs = values.abs().mean(dim=tuple(range(1, values.dim())))
         step = 2 * mean_abs / math.sqrt(self.q_pos)
         # Activation steps are set after DDP has broadcast the parameters, so the replicas must agree here;
         # weight steps are set before the wrap and then broadcast from rank 0 like any parameter.

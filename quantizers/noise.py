@@ -17,6 +17,7 @@ from torch import nn
 
 from quantizers.errors import QuantSpecError
 from quantizers.lsq import lsq_grid
+from quantizers.straight_through import in_float32
 
 
 def lsq_init_step(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -59,6 +60,7 @@ class GaussianWeightNoise(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return weight
-        variance = self.target_variance(weight)
+        weight_32 = in_float32(weight)  # the variance and the draw in float32, as the quantizers compute
+        variance = self.target_variance(weight_32)
         self.last_variance = variance  # a tensor: no host sync in the training step
-        return weight + torch.randn_like(weight) * variance.sqrt()
+        return (weight_32 + torch.randn_like(weight_32) * variance.sqrt()).to(weight.dtype)

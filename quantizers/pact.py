@@ -15,21 +15,25 @@ import torch
 from torch import nn
 
 from quantizers.errors import QuantSpecError, check_non_negative
-from quantizers.straight_through import pass_between, sum_where_at_least
+from quantizers.straight_through import in_float32, pass_between, sum_where_at_least
 
 
 class _PACTFunction(torch.autograd.Function):
+    """PACT in float32 whatever x's dtype (see `straight_through.in_float32`), handed back in x's dtype."""
+
     @staticmethod
     def forward(ctx, x, alpha, levels):
         scale = alpha / levels
         ctx.save_for_backward(x, alpha)
-        return torch.clamp(x, torch.zeros_like(alpha), alpha).div_(scale).round_().mul_(scale)
+        out = torch.clamp(in_float32(x), torch.zeros_like(alpha), alpha).div_(scale).round_().mul_(scale)
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, alpha = ctx.saved_tensors
-        grad_x = pass_between(grad_out, x, 0.0, alpha, include_low=True)  # [0, alpha)
-        return grad_x, sum_where_at_least(grad_out, x, alpha), None
+        x_32, grad_32 = in_float32(x), in_float32(grad_out)
+        grad_x = pass_between(grad_32, x_32, 0.0, alpha, include_low=True)  # [0, alpha)
+        return grad_x.to(x.dtype), sum_where_at_least(grad_32, x_32, alpha), None
 
 
 def _pact_traceable(x, alpha, levels):
@@ -41,11 +45,12 @@ def _pact_traceable(x, alpha, levels):
     which is 1 exactly there. Same values as the Function; gradients agree to rounding, except that x = 0
     gets none (a ReLU output of 0 receives no gradient anyway). See also `lsq._lsq_traceable`.
     """
+    dtype, x = x.dtype, in_float32(x)
     alpha_value = alpha.detach()
     scale = alpha_value / levels
     v = (x / scale).clamp(0, levels)
     above = (v.detach() / levels).floor()
-    return (v + (v.round() - v).detach()) * scale + (alpha - alpha_value) * above
+    return ((v + (v.round() - v).detach()) * scale + (alpha - alpha_value) * above).to(dtype)
 
 
 class PACTQuantizer(nn.Module):

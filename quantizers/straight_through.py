@@ -5,6 +5,11 @@ comparison ops write a bool tensor slowly and a masked multiply costs another pa
 `hardtanh_backward` does exactly this in one vectorised pass (about 4x faster on 2M elements). It takes
 Python-number bounds, which would force a device sync per layer on CUDA, so GPUs use the mask form, and so
 does torch.compile, which fuses the comparisons into its generated kernel anyway.
+
+Under mixed precision (autocast) the activations reaching a quantizer are bfloat16 or float16. Rounding
+`x / s` there would put values on the wrong level (bfloat16 keeps 8 significant bits), so every quantizer
+computes in float32 (`in_float32`) and casts its result back to the input's dtype, which is what autocast's
+next conv expects; gradients to steps and alphas are summed in float32 too.
 """
 
 from __future__ import annotations
@@ -12,6 +17,27 @@ from __future__ import annotations
 import math
 
 import torch
+
+_HALF_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def in_float32(x: torch.Tensor) -> torch.Tensor:
+    """x itself when it is float32 (or float64), else a float32 copy: quantizers never compute in half precision."""
+    return x.float() if x.dtype in _HALF_PRECISION else x
+
+
+def dot_in_memory_order(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) as one dot product over the tensors' storage, without copying channels_last tensors.
+
+    `reshape(-1)` of a channels_last tensor is a hidden copy; when both tensors share a dense layout, the flat
+    view in that layout's order pairs the same elements.
+    """
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.dot(a.view(-1), b.view(-1))
+    last = torch.channels_last
+    if a.dim() == 4 and a.is_contiguous(memory_format=last) and b.is_contiguous(memory_format=last):
+        return torch.dot(a.permute(0, 2, 3, 1).reshape(-1), b.permute(0, 2, 3, 1).reshape(-1))
+    return (a * b).sum()
 
 
 def _number(value: torch.Tensor | float) -> float:
