@@ -1,6 +1,7 @@
-"""Detection: YOLOv5n (ultralytics' YOLOv5u) on synthetic rectangles and VOC-layout files, on CPU, in seconds.
+"""Detection: YOLOv5n on synthetic rectangles and VOC-layout files, on CPU, in seconds.
 
-Covers the quantization policy on the real module names, the batch format, the letterbox and the corrupted
+The anchor-based model's own tests are in test_detection_anchor.py. Covers ultralytics' YOLOv5u (model: yolov5nu)
+and its quantization policy on the real module names, the batch format, the letterbox and the corrupted
 splits (native resolution, boxes unchanged, deterministic per image), NMS without a time limit, difficult
 objects ignored by mAP, FP32 and LSQ W8A8 learning the rectangles (mAP50 > 50 %), a quantized checkpoint
 reproducing its mAP through `cli.py test --ckpt_path`, local pretrained weights, and bad input ending in one
@@ -43,13 +44,13 @@ CORRUPTIONS = ["--data.init_args.corrupted_test.corruptions", "[gaussian_noise, 
                "--data.init_args.corrupted_test.severities", "[3]"]
 QUANT = REPO / "configs" / "quant"
 # What makes the rectangles learnable in 8 epochs on CPU (docs/detection.md): BatchNorm momentum 0.1, one
-# warm-up epoch, no augmentation, 128 px.
+# warm-up epoch, a step every batch (no accumulation to 64 images), no augmentation, 128 px.
 FAST_TRAINING = [
     "--data", "RectanglesDataModule",
     "--model", "DetectionModule",
     "--model.init_args.bn_momentum", "0.1",
     "--model.init_args.warmup_epochs", "1",
-    "--model.init_args.warmup_min_steps", "0",
+    "--model.init_args.accumulate_to_nominal", "false",
     "--data.init_args.augment", "false",
     "--trainer.max_epochs", "8",
     "--trainer.enable_progress_bar", "false",
@@ -74,10 +75,9 @@ def quant_fragment(name: str) -> dict:
 # ---------------------------------------------------------------------------------------------- the model
 
 
-def test_yolov5n_is_the_anchor_free_v5u_with_the_expected_layers():
-    module = DetectionModule(num_classes=20)
+def test_yolov5nu_is_the_anchor_free_v5u_with_the_expected_layers():
+    module = DetectionModule(model="yolov5nu", num_classes=20)
     net = module.net
-    assert module.hparams["model"] == "yolov5n"
     assert sum(p.numel() for p in net.parameters()) == 2_512_364  # YOLOv5u, 20 classes (v5 anchor-based: 1.79 M)
     assert type(net.model[-1]).__name__ == "Detect" and net.model[-1].reg_max == 16
     assert sorted(head_output_convs(net)) == [f"model.24.cv{b}.{i}.2" for b in (2, 3) for i in range(3)]
@@ -87,9 +87,9 @@ def test_yolov5n_is_the_anchor_free_v5u_with_the_expected_layers():
     assert isinstance(net.get_submodule("model.24.dfl.conv"), nn.Conv2d)
 
 
-def test_lsq_policy_keeps_dfl_float_and_head_outputs_at_8_bits():
-    net = DetectionModule(num_classes=20).net
-    quantize_model(net, QuantSpec(**quant_fragment("yolo_lsq4")))
+def test_v5u_lsq_policy_keeps_dfl_float_and_head_outputs_at_8_bits():
+    net = DetectionModule(model="yolov5nu", num_classes=20).net
+    quantize_model(net, QuantSpec(**quant_fragment("yolov5u_lsq4")))
     assert type(net.get_submodule("model.24.dfl.conv")) is nn.Conv2d  # not swapped at all
     heads = head_output_convs(net)
     assert len(heads) == 6
@@ -106,9 +106,9 @@ def test_lsq_policy_keeps_dfl_float_and_head_outputs_at_8_bits():
     check_quantization_policy(net)
 
 
-def test_dorefa_policy_quantizes_weights_only_and_keeps_the_heads_float():
-    net = DetectionModule(num_classes=20).net
-    quantize_model(net, QuantSpec(**quant_fragment("yolo_dorefa4")))
+def test_v5u_dorefa_policy_quantizes_weights_only_and_keeps_the_heads_float():
+    net = DetectionModule(model="yolov5nu", num_classes=20).net
+    quantize_model(net, QuantSpec(**quant_fragment("yolov5u_dorefa4")))
     assert type(net.get_submodule("model.24.dfl.conv")) is nn.Conv2d
     assert all(type(m) is nn.Conv2d for m in head_output_convs(net).values())
     swapped = [m for m in net.modules() if isinstance(m, QuantConv2d)]
@@ -116,7 +116,7 @@ def test_dorefa_policy_quantizes_weights_only_and_keeps_the_heads_float():
 
 
 def test_a_quantized_dfl_conv_is_refused():
-    net = DetectionModule(num_classes=3).net
+    net = DetectionModule(model="yolov5nu", num_classes=3).net
     quantize_model(net, QuantSpec(method="lsq", weight_bits=4, act_signed=True))
     with pytest.raises(QuantSpecError, match="DFL conv"):
         check_quantization_policy(net)
@@ -287,8 +287,7 @@ def test_a_quantized_checkpoint_reproduces_its_map(trained_study, tmp_path, caps
     assert "test mAP50 (%)" in capsys.readouterr().out
 
     module = DetectionModule.load_from_checkpoint(checkpoint)
-    assert type(module.net.get_submodule("model.24.dfl.conv")) is nn.Conv2d
-    head = module.ema_net.get_submodule("model.24.cv3.0.2")
+    head = module.ema_net.get_submodule("model.24.m.0")
     assert isinstance(head, QuantConv2d) and head.input_quantizer._initialized and head.weight_quantizer.bits == 8
 
 
