@@ -19,6 +19,7 @@ EMA of the weights used for validation and test.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Literal
 
 import lightning as L
@@ -139,6 +140,7 @@ class DetectionModule(L.LightningModule):
         self.test_map = self._new_map()
         self._test_split: int | None = None
         self.test_results: dict[str, dict[str, float]] = {}
+        self._epoch_started, self._images_seen = time.perf_counter(), 0
 
     # ------------------------------------------------------------------------------------------ building
 
@@ -232,7 +234,21 @@ class DetectionModule(L.LightningModule):
         self.log("train/loss", sum(items.values()), on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
         for name, value in items.items():
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=size)
+            # The progress bar's running view (box / obj / cls, or box / cls / dfl); not sent to the loggers.
+            self.log(name.removesuffix("_loss"), value, on_step=True, on_epoch=False, prog_bar=True, logger=False,
+                     batch_size=size)
+        self._images_seen += size
+        elapsed = time.perf_counter() - self._epoch_started
+        if elapsed > 0:
+            self.log("img/s", self._images_seen / elapsed, on_step=True, on_epoch=False, prog_bar=True, logger=False,
+                     batch_size=size)
         return total
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_started, self._images_seen = time.perf_counter(), 0
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "set_epoch"):  # e.g. mosaic switched off for the last epochs
+            datamodule.set_epoch(self.current_epoch, self.trainer.max_epochs)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._schedule(batch_idx)
