@@ -447,7 +447,11 @@ def test_yolo_layout_reads_coco128():
         pytest.skip("../shared/data/coco128 is not available")
     data = VOCDataModule(str(root), train_sets=["train2017"], val_sets=["train2017"], test_sets=["train2017"],
                          class_names=80, image_size=160, augment=False, corrupted_test=CorruptedTest([]))
-    assert data.layout == "yolo" and data.num_classes == 80
+    assert data.layout == "yolo" and data.num_classes == 80 and data.name == "coco128"
+    named = VOCDataModule(str(root), train_sets=["train2017"], val_sets=["train2017"], test_sets=["train2017"],
+                          class_names=str(REPO / "configs" / "data" / "coco_names.yaml"), dataset_name="my-coco")
+    assert named.class_names[:3] == ["person", "bicycle", "car"] and named.num_classes == 80
+    assert named.name == "my-coco"
     data.setup("fit")
     assert len(data.train_set) == 128
     sample = data.val_set[0]  # 000000000009.jpg: 640x480, first label "45 0.479492 0.688771 0.955609 0.5955"
@@ -458,6 +462,20 @@ def test_yolo_layout_reads_coco128():
                                                                      (0.688771 + 0.5955 / 2) * 480]), atol=0.05, rtol=0)
     batch = detection_collate([data.val_set[i] for i in range(4)])
     assert batch["img"].shape == (4, 3, 160, 160) and batch["cls"].max() < 80
+
+
+def test_class_names_from_a_data_yaml_and_its_errors(tmp_path):
+    from datamodules.yolo_format import class_names_from_data_yaml
+
+    (tmp_path / "list.yaml").write_text("names: [cat, dog]\n")
+    (tmp_path / "map.yaml").write_text("path: x\nnames:\n  0: cat\n  1: dog\n")
+    (tmp_path / "gap.yaml").write_text("names:\n  0: cat\n  2: dog\n")
+    (tmp_path / "none.yaml").write_text("path: x\n")
+    assert class_names_from_data_yaml(tmp_path / "list.yaml") == ["cat", "dog"]
+    assert class_names_from_data_yaml(tmp_path / "map.yaml") == ["cat", "dog"]
+    for bad, message in (("gap", "indexed 0..1"), ("none", "no 'names:'"), ("missing", "not found")):
+        with pytest.raises(DataError, match=message):
+            class_names_from_data_yaml(tmp_path / f"{bad}.yaml")
 
 
 def test_records_and_dataset_work_without_files():
