@@ -496,7 +496,8 @@ def test_shipped_yolo_configs_resolve(config, capsys):
     method = config.removeprefix("yolo_voc_").removesuffix(".yaml")
     method = method if method == "fp32" else method.rstrip("248")
     assert resolved["model"]["class_path"].endswith("DetectionModule")
-    assert resolved["model"]["init_args"]["model"] == "yolov5n"
+    assert resolved["model"]["init_args"]["model"] == "yolov5n"  # the anchor-based model of the paper
+    assert resolved["data"]["init_args"]["augmentation"]["mosaic"] == 1.0
     assert resolved["data"]["class_path"].endswith("VOCDataModule")
     assert resolved["data"]["init_args"]["corrupted_test"]["profile"] == "imagenet"
     assert resolved["quantization"]["method"] == method
