@@ -5,8 +5,8 @@ here with its own loss (`lightning_modules/yolo/anchor_*.py`); `model: yolov5nu`
 YOLOv5u (2.51 M, v8 head and loss). See docs/detection.md.
 
 Like `ClassificationModule`, quantization is not configured here: `QuantizationCallback` swaps layers in
-`self.net` during `setup` (configs/quant/yolo_*.yaml hold the YOLO policy: DFL conv excluded, head output convs
-at 8 bits or float, signed LSQ activations), and `on_load_checkpoint` re-applies a checkpoint's spec, so
+`self.net` during `setup` (configs/quant/yolo_*.yaml hold the YOLO policy: head output convs at 8 bits or float,
+signed LSQ activations; yolov5u_*.yaml also exclude YOLOv5u's DFL conv), and `on_load_checkpoint` re-applies a checkpoint's spec, so
 `load_from_checkpoint` and `test --ckpt_path` rebuild the fake-quant layers before the weights load.
 
 Training follows ultralytics 8.4.190's detection recipe (which YOLOv5 v7.0's train.py shares): loss summed over

@@ -152,3 +152,32 @@ def test_dorefa_policy_keeps_the_bare_outputs_float_and_activations_float():
     swapped = [m for m in net.modules() if isinstance(m, QuantConv2d)]
     assert len(swapped) == 57 and all(m.input_quantizer is None for m in swapped)
     net.eval()(torch.rand(1, 3, 64, 64))  # still runs
+
+
+def _attached(module: DetectionModule, **trainer) -> DetectionModule:
+    from types import SimpleNamespace
+
+    module._trainer = SimpleNamespace(**trainer)
+    return module
+
+
+@pytest.mark.parametrize(("max_epochs", "batches", "warmup"), [(1, 50, 0), (2, 50, 50), (200, 10, 30), (None, 10, 30)])
+def test_warmup_is_ultralytics_8_4s_capped_at_epochs_minus_one_without_a_step_minimum(max_epochs, batches, warmup):
+    module = _attached(DetectionModule(num_classes=3), max_epochs=max_epochs)
+    assert module._warmup_batches(batches) == warmup
+
+
+@pytest.mark.parametrize(("batch", "devices", "images", "epochs", "expected"),
+                         [(16, 1, 1000, 10, 4), (64, 1, 1000, 10, 1), (16, 2, 1000, 10, 2), (8, 1, 16, 1, 2)])
+def test_gradients_accumulate_to_the_nominal_batch(batch, devices, images, epochs, expected):
+    from types import SimpleNamespace
+
+    data = SimpleNamespace(batch_size=batch, train_set=range(images))
+    module = _attached(DetectionModule(num_classes=3), accumulate_grad_batches=1, datamodule=data,
+                       world_size=devices, max_epochs=epochs)
+    module._accumulate_to_nominal()
+    assert module.trainer.accumulate_grad_batches == expected
+    kept = _attached(DetectionModule(num_classes=3, accumulate_to_nominal=False), accumulate_grad_batches=1,
+                     datamodule=data, world_size=devices, max_epochs=epochs)
+    kept._accumulate_to_nominal()
+    assert kept.trainer.accumulate_grad_batches == 1
