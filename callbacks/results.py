@@ -39,8 +39,15 @@ def split_identity(name: str) -> tuple[str, str, int]:
     return "test", corruption, int(severity) if severity else 0
 
 
-def run_identity(trainer: L.Trainer, pl_module: L.LightningModule, study: str, run: str) -> dict[str, Any]:
-    """The columns of a results row that describe the run rather than the measurement."""
+def run_identity(
+    trainer: L.Trainer, pl_module: L.LightningModule, study: str, run: str,
+    weights_at: tuple[int | None, int] | None = None,
+) -> dict[str, Any]:
+    """The columns of a results row that describe the run rather than the measurement.
+
+    `weights_at` is the (epoch, global step) of the weights measured, as stored in the checkpoint they came
+    from; without one, the trainer's current position (the live weights)."""
+    epoch, step = weights_at if weights_at is not None else (trainer.current_epoch, trainer.global_step)
     spec = applied_spec(pl_module.net)
     seed = os.environ.get("PL_GLOBAL_SEED")
     datamodule = getattr(trainer, "datamodule", None)
@@ -53,6 +60,8 @@ def run_identity(trainer: L.Trainer, pl_module: L.LightningModule, study: str, r
         "weight_bits": spec.weight_bits if spec.quantized else FLOAT_BITS,
         "act_bits": spec.effective_act_bits or FLOAT_BITS,
         "seed": int(seed) if seed is not None else None,
+        "epoch": epoch,
+        "step": step,
     }
 
 
@@ -113,6 +122,14 @@ class ResultsCallback(L.Callback):
         self.path = path
         self.study = study
         self.run = run
+        self._weights_at: tuple[int | None, int] | None = None  # (epoch, step) of the checkpoint tested
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning restores a checkpoint after setup: a test that loads none measures the live weights.
+        self._weights_at = None
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._weights_at = (checkpoint.get("epoch"), int(checkpoint.get("global_step", 0)))
 
     def results_path(self, trainer: L.Trainer) -> Path:
         return Path(self.path) if self.path else Path(trainer.default_root_dir) / RESULTS_FILE
@@ -149,7 +166,7 @@ class ResultsCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         results: dict[str, dict[str, float]] = getattr(pl_module, "test_results", {})
-        identity = run_identity(trainer, pl_module, self.study, self.run_name(trainer))
+        identity = run_identity(trainer, pl_module, self.study, self.run_name(trainer), self._weights_at)
         rows = []
         for split_name, metrics in results.items():
             split, corruption, severity = split_identity(split_name)

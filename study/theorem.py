@@ -33,6 +33,8 @@ def load_run(run_dir: Path):
     parser.add_subclass_arguments(LightningDataModule, "data")
     datamodule = parser.instantiate_classes(parser.parse_object({"data": config["data"]})).data
     module = ClassificationModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    position = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    config["weights_at"] = {"epoch": position.get("epoch"), "step": position.get("global_step")}
     return module, datamodule, config
 
 
@@ -82,7 +84,7 @@ def check_runs(path: Path, bits_levels: list[int], images: int, samples: int, he
             identity = {"run": results.get("run") or run_dir.name, "study": results.get("study") or "",
                         "model": module.hparams.get("model"), "dataset": datamodule.name, "method": "fp32",
                         "weight_bits": bits, "act_bits": 32, "seed": config.get("seed_everything"),
-                        "split": "train", "corruption": "none", "severity": 0}
+                        **config["weights_at"], "split": "train", "corruption": "none", "severity": 0}
             rows += [{**identity, "metric": k, "value": v if math.isfinite(v) else float("nan")}
                      for k, v in values.items()]
         Console().print(table)
