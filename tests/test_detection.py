@@ -501,5 +501,5 @@ def test_shipped_yolo_configs_resolve(config, capsys):
     assert resolved["data"]["class_path"].endswith("VOCDataModule")
     assert resolved["data"]["init_args"]["corrupted_test"]["profile"] == "imagenet"
     assert resolved["quantization"]["method"] == method
-    assert resolved["quantization"]["exclude"] == ["*.dfl.conv"]
+    assert list(resolved["quantization"]["layer_bits"]) == ["model.24.m.?"]  # the anchor head's 3 bare convs
     assert resolved["trainer"]["max_epochs"] == 200
