@@ -54,5 +54,7 @@ class RunCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Preemption (SIGTERM, e.g. a cluster's time limit): keep the progress of the interrupted epoch in
         # last.ckpt; a resumed run continues at the next batch (see EpochShuffleSampler).
-        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and self.save_last:
+        # Ctrl-C takes the same path (cli.py turns it into Lightning's SIGTERM flag, so it lands between batches).
+        if (isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and self.save_last
+                and self.dirpath is not None):
             trainer.save_checkpoint(os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION))

@@ -6,8 +6,9 @@ YOLOv5u (2.51 M, v8 head and loss). See docs/detection.md.
 
 Like `ClassificationModule`, quantization is not configured here: `QuantizationCallback` swaps layers in
 `self.net` during `setup` (configs/quant/yolo_*.yaml hold the YOLO policy: head output convs at 8 bits or float,
-signed LSQ activations; yolov5u_*.yaml also exclude YOLOv5u's DFL conv), and `on_load_checkpoint` re-applies a checkpoint's spec, so
-`load_from_checkpoint` and `test --ckpt_path` rebuild the fake-quant layers before the weights load.
+signed LSQ activations; yolov5u_*.yaml also exclude YOLOv5u's DFL conv), and `on_load_checkpoint` re-applies a
+checkpoint's spec, so `load_from_checkpoint` and `test --ckpt_path` rebuild the fake-quant layers before the
+weights load.
 
 Training follows ultralytics 8.4.190's detection recipe (which YOLOv5 v7.0's train.py shares): loss summed over
 the images of a batch, gradients accumulated to the nominal batch of 64, SGD with Nesterov momentum 0.937, lr
@@ -22,15 +23,14 @@ import math
 import time
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 
-from datamodules.corruptions.engine import BENCHMARK_CORRUPTIONS
 from lightning_modules.divergence import check_finite_loss
 from lightning_modules.evaluation import test_split_names
+from lightning_modules.task import TaskModule
 from lightning_modules.yolo import (
     ModelEMA,
     build_criterion,
@@ -40,27 +40,14 @@ from lightning_modules.yolo import (
     non_max_suppression,
     to_original_coordinates,
 )
-from quantizers import CHECKPOINT_KEY, QuantSpec, parameter_groups, quantize_model
-from study.metrics import CLEAN, corruption_means
+from quantizers import parameter_groups, quantize_model
+from records.measures import corruption_means, detection_summary
 
 _EMA_PREFIX = "ema_net."
 _NET_PREFIX = "net."
 
 
-def detection_summary(map50_by_split: dict[str, float]) -> dict[str, float]:
-    """P (clean mAP50), mPC (mean over the 15 benchmark corruptions' splits) and rPC = 100 * mPC / P."""
-    summary = {}
-    if CLEAN in map50_by_split:
-        summary["P"] = map50_by_split[CLEAN]
-    benchmark = [v for name, v in map50_by_split.items() if name.partition("/")[0] in BENCHMARK_CORRUPTIONS]
-    if benchmark:
-        summary["mPC"] = sum(benchmark) / len(benchmark)
-        if summary.get("P"):
-            summary["rPC"] = 100.0 * summary["mPC"] / summary["P"]
-    return summary
-
-
-class DetectionModule(L.LightningModule):
+class DetectionModule(TaskModule):
     """Object detector with per-epoch train/val loss, val mAP50, and per-split test mAP50 / mAP50-95.
 
     Args:
@@ -139,7 +126,6 @@ class DetectionModule(L.LightningModule):
         self.val_map = self._new_map()
         self.test_map = self._new_map()
         self._test_split: int | None = None
-        self.test_results: dict[str, dict[str, float]] = {}
         self._epoch_started, self._images_seen = time.perf_counter(), 0
 
     # ------------------------------------------------------------------------------------------ building
@@ -187,10 +173,8 @@ class DetectionModule(L.LightningModule):
             self._create_ema()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        spec = checkpoint.get(CHECKPOINT_KEY)
+        spec = self.requantize(checkpoint)  # the net only: the EMA copy is rebuilt below
         if spec is not None:
-            spec = QuantSpec.from_dict(spec)
-            quantize_model(self.net, spec)
             check_quantization_policy(self.net)
         state = checkpoint.get("state_dict", {})
         if not self.hparams.ema:

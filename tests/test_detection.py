@@ -24,7 +24,6 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
-from callbacks import read_epoch_metrics  # noqa: E402
 from conftest import REPO, SHARED_DATA, run_cli  # noqa: E402
 from datamodules import DataError, RectanglesDataModule, VOCDataModule  # noqa: E402
 from datamodules.corruptions.splits import CorruptedTest  # noqa: E402
@@ -43,7 +42,8 @@ from lightning_modules.yolo import (  # noqa: E402
     to_original_coordinates,
 )
 from quantizers import LSQQuantizer, QuantConv2d, QuantSpec, QuantSpecError, quantize_model  # noqa: E402
-from study.store import read_rows  # noqa: E402
+from records.run_files import read_epoch_metrics  # noqa: E402
+from records.store import read_rows  # noqa: E402
 
 NO_CORRUPTIONS = ["--data.init_args.corrupted_test.corruptions", "[]"]
 CORRUPTIONS = ["--data.init_args.corrupted_test.corruptions", "[gaussian_noise, fog]",

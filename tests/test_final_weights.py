@@ -8,7 +8,7 @@ import json
 import torch
 
 from conftest import run_cli
-from study.store import read_rows
+from records.store import read_rows
 
 EPOCHS, BATCHES = 4, 3
 # The learning rate jumps 30x for the last epoch, so validation loss rises there: the best-validation
