@@ -2,11 +2,13 @@
 
     python benchmarks/detection.py                        # 320 px, batch 16, real VOC dev images if present
     python benchmarks/detection.py --image-size 640 --batch-size 32 --rounds 7
+    python benchmarks/detection.py --models yolov5n       # the anchor-based model only
 
-1. Training images/s of one step (forward, ultralytics' v8 detection loss, backward, SGD step) for FP32,
-   LSQ W4A4 and DoReFa W4 with the YOLO quantization policy (configs/quant/yolo_lsq4.yaml,
-   yolo_dorefa4.yaml). The configurations are interleaved round by round so drift in the machine's speed
-   hits them alike; each figure is the median over rounds; ratios are against FP32.
+1. Training images/s of one step (forward, the model's loss, backward, SGD step) of the anchor-based YOLOv5n
+   (the paper's) and ultralytics' YOLOv5u (yolov5nu), each in FP32, LSQ W4A4 and DoReFa W4 with its YOLO
+   quantization policy (configs/quant/yolo_*.yaml, yolov5u_*.yaml). The configurations are interleaved round by
+   round so drift in the machine's speed hits them alike; each figure is the median over rounds; ratios are
+   against the first model's FP32.
 2. mAP computation: torchmetrics `MeanAveragePrecision` (faster_coco_eval backend) update + compute on N
    images of synthetic detections (100 per image, 20 classes), as the test of one split costs it; and the
    NMS of one eval batch.
@@ -36,7 +38,7 @@ from timing import TimedTrainingStep  # noqa: E402  (benchmarks/, the script's o
 from datamodules import RectanglesDataModule, VOCDataModule  # noqa: E402
 from datamodules.corruptions.splits import CorruptedTest  # noqa: E402
 from datamodules.detection import detection_collate  # noqa: E402
-from lightning_modules.yolo import build_yolo, non_max_suppression  # noqa: E402
+from lightning_modules.yolo import build_criterion, build_yolo, non_max_suppression  # noqa: E402
 from quantizers import QuantSpec, parameter_groups, quantize_model  # noqa: E402
 
 VOC_DEV = REPO.parent / "shared" / "data" / "voc2007-dev" / "VOCdevkit"
@@ -46,7 +48,9 @@ def spec_from(fragment: str) -> QuantSpec:
     return QuantSpec(**yaml.safe_load((REPO / "configs" / "quant" / f"{fragment}.yaml").read_text()))
 
 
-METHODS = {"fp32": QuantSpec(), "lsq W4A4": spec_from("yolo_lsq4"), "dorefa W4": spec_from("yolo_dorefa4")}
+def methods(model: str) -> dict[str, QuantSpec]:
+    policy = "yolov5u" if model.endswith("u") else "yolo"
+    return {"fp32": QuantSpec(), "lsq W4A4": spec_from(f"{policy}_lsq4"), "dorefa W4": spec_from(f"{policy}_dorefa4")}
 
 
 def training_batch(image_size: int, batch_size: int) -> tuple[dict, str]:
@@ -66,12 +70,10 @@ def training_batch(image_size: int, batch_size: int) -> tuple[dict, str]:
 class Trainee(TimedTrainingStep):
     """One network + loss + optimizer that can take a timed training step on a fixed batch."""
 
-    def __init__(self, spec: QuantSpec, batch: dict, num_classes: int, device: str) -> None:
-        from ultralytics.utils.loss import v8DetectionLoss
-
+    def __init__(self, model: str, spec: QuantSpec, batch: dict, num_classes: int, device: str) -> None:
         torch.manual_seed(0)
-        self.net = quantize_model(build_yolo("yolov5n", num_classes), spec).to(device).train()
-        self.criterion = v8DetectionLoss(self.net)
+        self.net = quantize_model(build_yolo(model, num_classes), spec).to(device).train()
+        self.criterion = build_criterion(self.net, {})
         self.optimizer = torch.optim.SGD(parameter_groups(self.net, 5e-4), lr=0.001, momentum=0.937, nesterov=True)
         self.batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         self.images = self.batch["img"].float() / 255
@@ -128,23 +130,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--map-images", type=int, default=4952, help="images of the mAP timing (VOC07 test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", default="yolov5n,yolov5nu", help="comma-separated detection models")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     batch, source = training_batch(args.image_size, args.batch_size)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"yolov5n (YOLOv5u), {args.image_size} px, batch {args.batch_size} of {source}, {where}, "
-          f"torch {torch.__version__}")
-    trainees = {name: Trainee(spec, batch, 20, args.device) for name, spec in METHODS.items()}
+    models = args.models.split(",")
+    print(f"{', '.join(models)} (yolov5n: anchor-based, yolov5nu: YOLOv5u), {args.image_size} px, batch "
+          f"{args.batch_size} of {source}, {where}, torch {torch.__version__}")
+    trainees = {f"{model} {name}": Trainee(model, spec, batch, 20, args.device)
+                for model in models for name, spec in methods(model).items()}
     samples: dict[str, list[float]] = {name: [] for name in trainees}
     for _ in range(args.rounds):
         for name, trainee in trainees.items():
             samples[name].append(trainee.time_steps(args.steps))
     medians = {name: statistics.median(v) for name, v in samples.items()}
-    print(f"\n{'method':12s}{'ms/step':>10s}{'img/s':>9s}{'x fp32 time':>13s}")
+    reference = medians[f"{models[0]} fp32"]
+    print(f"\n{'model, method':22s}{'ms/step':>10s}{'img/s':>9s}{'x time':>9s}")
     for name, seconds in medians.items():
-        print(f"{name:12s}{1000 * seconds:10.1f}{args.batch_size / seconds:9.1f}{seconds / medians['fp32']:13.2f}")
+        print(f"{name:22s}{1000 * seconds:10.1f}{args.batch_size / seconds:9.1f}{seconds / reference:9.2f}")
 
     nms = time_nms(32, args.image_size)
     update, compute = time_map(args.map_images, 100)

@@ -15,7 +15,7 @@ import numpy as np
 from datamodules.corruptions.splits import CorruptedTest
 from datamodules.detection import Augmentation, DetectionDataModule, DetectionRecord
 from datamodules.errors import DataError
-from datamodules.yolo_format import yolo_records
+from datamodules.yolo_format import class_names_from_data_yaml, yolo_records
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
@@ -67,8 +67,11 @@ class VOCDataModule(DetectionDataModule):
         root: the dataset folder.
         layout: voc, yolo, or auto (yolo when root has images/ and labels/).
         train_sets, val_sets, test_sets: the image sets of each split.
-        class_names: the classes, in label order (default: VOC's 20), or just their number (YOLO labels,
-            e.g. 80 for coco128); YOLO labels must be below their count.
+        class_names: the classes, in label order (default: VOC's 20), or the path of an ultralytics data YAML
+            holding them (`names:`), or just their number (YOLO labels, e.g. 80 for coco128; names class0..);
+            YOLO labels must be below their count.
+        dataset_name: the dataset's name in results rows and W&B (default: "voc" for the VOCdevkit layout, the
+            root folder's name for the YOLO layout, e.g. coco128).
         (the rest: see DetectionDataModule)
     """
 
@@ -81,7 +84,7 @@ class VOCDataModule(DetectionDataModule):
         train_sets: list[str] = ["2007/trainval", "2012/trainval"],  # noqa: B006 (never mutated)
         val_sets: list[str] = ["2007/test"],  # noqa: B006
         test_sets: list[str] = ["2007/test"],  # noqa: B006
-        class_names: list[str] | int = list(VOC_CLASSES),  # noqa: B006, B008
+        class_names: list[str] | int | str = list(VOC_CLASSES),  # noqa: B006, B008
         image_size: int = 640,
         batch_size: int = 16,
         eval_batch_size: int = 32,
@@ -91,7 +94,10 @@ class VOCDataModule(DetectionDataModule):
         train_difficult: bool = False,
         on_bad_image: Literal["error", "skip"] = "error",
         corrupted_test: CorruptedTest = CorruptedTest(profile="imagenet"),  # noqa: B008
+        dataset_name: str | None = None,
     ) -> None:
+        if isinstance(class_names, str):
+            class_names = class_names_from_data_yaml(class_names)
         super().__init__(
             class_names, image_size=image_size, batch_size=batch_size, eval_batch_size=eval_batch_size,
             num_workers=num_workers, augment=augment, augmentation=augmentation, train_difficult=train_difficult,
@@ -101,6 +107,7 @@ class VOCDataModule(DetectionDataModule):
         if not self.root.is_dir():
             raise DataError(f"VOC root not found: '{self.root}' (set data.init_args.root to your VOCdevkit folder)")
         self.layout = self._detect_layout(layout)
+        self.name = dataset_name or ("voc" if self.layout == "voc" else self.root.name)
         self.sets = {"train": list(train_sets), "val": list(val_sets), "test": list(test_sets)}
         for split, names in self.sets.items():
             if not names:

@@ -53,3 +53,23 @@ def yolo_records(root: Path, set_name: str, num_classes: int) -> list[DetectionR
         boxes, classes = parse_yolo_labels(labels / f"{file.stem}.txt", num_classes)
         records.append(DetectionRecord(str(file), boxes, classes, np.zeros(len(classes), bool), normalized=True))
     return records
+
+
+def class_names_from_data_yaml(path: str | Path) -> list[str]:
+    """The class names of an ultralytics data YAML (`names:` as a list, or a mapping index -> name)."""
+    import yaml
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"class names file not found: {file} (data.class_names: a list, a count, or a data YAML)")
+    try:
+        names = (yaml.safe_load(file.read_text()) or {}).get("names")
+    except (yaml.YAMLError, AttributeError) as error:
+        raise DataError(f"cannot read class names from {file}: {str(error).splitlines()[0]}") from None
+    if isinstance(names, dict):
+        if sorted(names) != list(range(len(names))):
+            raise DataError(f"{file}: names must be indexed 0..{len(names) - 1}, got {sorted(names)[:5]}...")
+        names = [names[i] for i in range(len(names))]
+    if not isinstance(names, list) or not names:
+        raise DataError(f"{file} has no 'names:' list or mapping (an ultralytics data YAML)")
+    return [str(name) for name in names]

@@ -1,23 +1,26 @@
-"""`DetectionModule`: YOLOv5n (ultralytics' YOLOv5u) trained with ultralytics' loss and recipe, scored by mAP.
+"""`DetectionModule`: YOLOv5n trained with the YOLO recipe of the pinned ultralytics trainer, scored by mAP.
 
-The network is `ultralytics.nn.tasks.DetectionModel("yolov5n.yaml")`. In ultralytics >= 8.1 that YAML builds
-**YOLOv5u**: the YOLOv5 backbone and neck with the anchor-free, decoupled YOLOv8 head (DFL box decoding),
-2.51 M parameters with 20 classes, not the anchor-based YOLOv5n (1.79 M) of the paper. See docs/detection.md.
+`model: yolov5n` is the paper's anchor-based YOLOv5n (YOLOv5 v7.0, 1,790,977 parameters at 20 classes), written
+here with its own loss (`lightning_modules/yolo/anchor_*.py`); `model: yolov5nu` is ultralytics' anchor-free
+YOLOv5u (2.51 M, v8 head and loss). See docs/detection.md.
 
 Like `ClassificationModule`, quantization is not configured here: `QuantizationCallback` swaps layers in
-`self.net` during `setup` (configs/quant/yolo_*.yaml hold the YOLO policy: DFL conv excluded, head output convs
-at 8 bits or float, signed LSQ activations), and `on_load_checkpoint` re-applies a checkpoint's spec, so
-`load_from_checkpoint` and `test --ckpt_path` rebuild the fake-quant layers before the weights load.
+`self.net` during `setup` (configs/quant/yolo_*.yaml hold the YOLO policy: head output convs at 8 bits or float,
+signed LSQ activations; yolov5u_*.yaml also exclude YOLOv5u's DFL conv), and `on_load_checkpoint` re-applies a
+checkpoint's spec, so `load_from_checkpoint` and `test --ckpt_path` rebuild the fake-quant layers before the
+weights load.
 
-Training follows ultralytics' detection recipe: loss summed over the images of a batch (box 7.5, cls 0.5,
-dfl 1.5), SGD with Nesterov momentum 0.937, lr 0.01 decaying linearly to lr * lrf, 3 warm-up epochs (bias lr
-from 0.1, momentum from 0.8), weight decay 5e-4 scaled by batch / 64 on conv weights only, gradient norm
-clipped at 10, and an EMA of the weights used for validation and test.
+Training follows ultralytics 8.4.190's detection recipe (which YOLOv5 v7.0's train.py shares): loss summed over
+the images of a batch, gradients accumulated to the nominal batch of 64, SGD with Nesterov momentum 0.937, lr
+0.01 decaying linearly to lr * lrf, 3 warm-up epochs (capped at epochs - 1; bias lr from 0.1, momentum from
+0.8), weight decay 5e-4 x batch x accumulation / 64 on conv weights only, gradient norm clipped at 10, and an
+EMA of the weights used for validation and test.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Literal
 
 import torch
@@ -30,6 +33,7 @@ from lightning_modules.evaluation import test_split_names
 from lightning_modules.task import TaskModule
 from lightning_modules.yolo import (
     ModelEMA,
+    build_criterion,
     build_yolo,
     check_quantization_policy,
     load_pretrained,
@@ -47,7 +51,8 @@ class DetectionModule(TaskModule):
     """Object detector with per-epoch train/val loss, val mAP50, and per-split test mAP50 / mAP50-95.
 
     Args:
-        model: yolov5n (or another YOLOv5 scale; ultralytics builds the anchor-free v5u variant).
+        model: yolov5n (or s/m/l/x): the anchor-based YOLOv5 v7.0 of the paper; yolov5nu (or su/mu/lu/xu):
+            ultralytics' anchor-free YOLOv5u.
         num_classes: set from the DataModule by the CLI.
         pretrained: a local weights file (ultralytics .pt, qreg checkpoint or state_dict) whose tensors of
             matching name and shape are copied in before the quantization swap; never downloaded. None trains
@@ -58,10 +63,16 @@ class DetectionModule(TaskModule):
             trainer.max_epochs), SGD momentum (AdamW beta1).
         weight_decay: on conv/linear weights only (not BatchNorm, biases or quantizer parameters), scaled by
             batch_size * accumulate_grad_batches / nominal_batch_size as ultralytics does.
-        nominal_batch_size: the batch ultralytics' hyper-parameters are tuned for (64).
-        warmup_epochs, warmup_min_steps, warmup_momentum, warmup_bias_lr: linear warm-up over
-            max(warmup_epochs epochs, warmup_min_steps steps) (0 epochs disables it).
-        box, cls, dfl: loss gains.
+        nominal_batch_size: the batch the hyper-parameters are tuned for (64).
+        accumulate_to_nominal: when trainer.accumulate_grad_batches is 1, accumulate gradients over
+            round(nominal_batch_size / (batch_size x devices)) batches, as ultralytics does (at least 1, at most
+            the run's batches); false steps every batch.
+        warmup_epochs, warmup_momentum, warmup_bias_lr: linear warm-up over min(warmup_epochs, max_epochs - 1)
+            epochs, counted in batches, as ultralytics 8.4.190 (0 disables it).
+        box, obj, cls, dfl: loss gains; null takes the model family's default (anchor-based: YOLOv5's
+            hyp.scratch-low box 0.05, obj 1.0, cls 0.5, scaled by levels, classes and image size; YOLOv5u: box
+            7.5, cls 0.5, dfl 1.5). obj is for the anchor-based models only, dfl for YOLOv5u only.
+        anchor_t: anchor-based models: largest target/anchor side ratio an anchor learns a target at.
         max_grad_norm: gradient-norm clipping (None disables it).
         ema, ema_decay, ema_tau: validate and test an exponential moving average of the weights.
         conf_threshold, iou_threshold, max_det: NMS settings of ultralytics' validation (multi-label);
@@ -80,26 +91,27 @@ class DetectionModule(TaskModule):
         momentum: float = 0.937,
         weight_decay: float = 5e-4,
         nominal_batch_size: int = 64,
+        accumulate_to_nominal: bool = True,
         warmup_epochs: float = 3.0,
-        warmup_min_steps: int = 100,
         warmup_momentum: float = 0.8,
         warmup_bias_lr: float = 0.1,
-        box: float = 7.5,
-        cls: float = 0.5,
-        dfl: float = 1.5,
+        box: float | None = None,
+        obj: float | None = None,
+        cls: float | None = None,
+        dfl: float | None = None,
+        anchor_t: float = 4.0,
         max_grad_norm: float | None = 10.0,
         ema: bool = True,
         ema_decay: float = 0.9999,
         ema_tau: float = 2000.0,
         conf_threshold: float = 0.001,
         iou_threshold: float = 0.7,
-        max_det: int = 100,
+        max_det: int = 300,
         bn_momentum: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = build_yolo(model, num_classes)
-        self.net.args.box, self.net.args.cls, self.net.args.dfl = box, cls, dfl
         if bn_momentum is not None:
             for module in self.net.modules():
                 if isinstance(module, nn.BatchNorm2d):
@@ -114,6 +126,7 @@ class DetectionModule(TaskModule):
         self.val_map = self._new_map()
         self.test_map = self._new_map()
         self._test_split: int | None = None
+        self._epoch_started, self._images_seen = time.perf_counter(), 0
 
     # ------------------------------------------------------------------------------------------ building
 
@@ -127,10 +140,10 @@ class DetectionModule(TaskModule):
     @property
     def criterion(self):
         # v8DetectionLoss stores the device it was built on: build it lazily, on the model's device.
-        if self._criterion is None or self._criterion.device != self.device:
-            from ultralytics.utils.loss import v8DetectionLoss
-
-            self._criterion = v8DetectionLoss(self.net)
+        if self._criterion is None or getattr(self._criterion, "device", self.device) != self.device:
+            hp = self.hparams
+            gains = {"box": hp.box, "obj": hp.obj, "cls": hp.cls, "dfl": hp.dfl}
+            self._criterion = build_criterion(self.net, gains, hp.anchor_t)
         return self._criterion
 
     @property
@@ -205,7 +218,21 @@ class DetectionModule(TaskModule):
         self.log("train/loss", sum(items.values()), on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
         for name, value in items.items():
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=size)
+            # The progress bar's running view (box / obj / cls, or box / cls / dfl); not sent to the loggers.
+            self.log(name.removesuffix("_loss"), value, on_step=True, on_epoch=False, prog_bar=True, logger=False,
+                     batch_size=size)
+        self._images_seen += size
+        elapsed = time.perf_counter() - self._epoch_started
+        if elapsed > 0:
+            self.log("img/s", self._images_seen / elapsed, on_step=True, on_epoch=False, prog_bar=True, logger=False,
+                     batch_size=size)
         return total
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_started, self._images_seen = time.perf_counter(), 0
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "set_epoch"):  # e.g. mosaic switched off for the last epochs
+            datamodule.set_epoch(self.current_epoch, self.trainer.max_epochs)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._schedule(batch_idx)
@@ -226,17 +253,26 @@ class DetectionModule(TaskModule):
             return 1.0
         return (1 - min(epoch, epochs) / epochs) * (1.0 - self.hparams.lrf) + self.hparams.lrf
 
+    def _warmup_batches(self, batches: int) -> int:
+        """ultralytics 8.4.190: warmup_epochs of batches, leaving at least the last epoch at the scheduled lr."""
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
+        warmup_epochs = self.hparams.warmup_epochs
+        if epochs is not None:
+            warmup_epochs = min(warmup_epochs, max(epochs - 1, 0))
+        return round(warmup_epochs * batches) if warmup_epochs > 0 else 0
+
     def _schedule(self, batch_idx: int) -> None:
-        """ultralytics' schedule: linear lr decay per epoch, and a linear warm-up per step."""
+        """ultralytics' schedule: linear lr decay per epoch, and a linear warm-up per batch up to batch `warmup`
+        inclusive (which lands exactly on the scheduled lr and momentum)."""
         hp = self.hparams
         optimizer = self.optimizers(use_pl_optimizer=False)
         batches = max(1, self.trainer.num_training_batches)
         step = batch_idx + batches * self.current_epoch
-        warmup = max(round(hp.warmup_epochs * batches), hp.warmup_min_steps) if hp.warmup_epochs > 0 else 0
+        warmup = self._warmup_batches(batches)
         target = hp.lr * self._lr_factor(self.current_epoch)
         for group in optimizer.param_groups:
             lr, momentum = target, hp.momentum
-            if step < warmup:
+            if warmup and step <= warmup:
                 start = hp.warmup_bias_lr if group.get("name") == "biases" else 0.0
                 lr = start + (target - start) * step / warmup
                 momentum = hp.warmup_momentum + (hp.momentum - hp.warmup_momentum) * step / warmup
@@ -246,8 +282,28 @@ class DetectionModule(TaskModule):
             elif "betas" in group:
                 group["betas"] = (momentum, group["betas"][1])
 
+    def _accumulate_to_nominal(self) -> None:
+        """Accumulate gradients to the nominal batch, as ultralytics does (unless the trainer already sets it)."""
+        trainer = self.trainer
+        if not self.hparams.accumulate_to_nominal or trainer.accumulate_grad_batches != 1:
+            return
+        datamodule = getattr(trainer, "datamodule", None)
+        batch_size = getattr(datamodule, "batch_size", None)
+        if not batch_size:
+            return
+        accumulate = max(round(self.hparams.nominal_batch_size / (batch_size * trainer.world_size)), 1)
+        train_set = getattr(datamodule, "train_set", None)
+        if train_set is not None and trainer.max_epochs and trainer.max_epochs > 0:  # never more than the run has
+            batches = math.ceil(len(train_set) / (batch_size * trainer.world_size))
+            accumulate = min(accumulate, max(batches * trainer.max_epochs, 1))
+        if accumulate > 1:
+            trainer.accumulate_grad_batches = accumulate
+            rank_zero_info(f"detection: gradients accumulated over {accumulate} batches of {batch_size} x "
+                           f"{trainer.world_size} device(s) (nominal batch {self.hparams.nominal_batch_size})")
+
     def configure_optimizers(self):
         hp = self.hparams
+        self._accumulate_to_nominal()
         batch_size = getattr(getattr(self.trainer, "datamodule", None), "batch_size", hp.nominal_batch_size)
         accumulate = self.trainer.accumulate_grad_batches
         weight_decay = hp.weight_decay * batch_size * accumulate / hp.nominal_batch_size

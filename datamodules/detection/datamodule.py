@@ -96,6 +96,14 @@ class DetectionDataModule(L.LightningDataModule):
                     corruption, severity, settings.profile, settings.seed
                 )
 
+    def set_epoch(self, epoch: int, max_epochs: int | None) -> None:
+        """Called by the task module at each training epoch's start: mosaic off for the last close_mosaic epochs."""
+        if self.train_set is not None and self.train_set.augmentation is not None:
+            on = self.train_set.augmentation.mosaic_in(epoch, max_epochs)
+            if self.train_set.mosaic_active and not on:
+                log.info("mosaic off for the last %d epochs", self.train_set.augmentation.close_mosaic)
+            self.train_set.set_mosaic(on)
+
     @property
     def test_split_names(self) -> list[str]:
         """Names of the test dataloaders, in dataloader_idx order."""

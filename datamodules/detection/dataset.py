@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.corruptions.engine import corrupt
-from datamodules.detection.augment import Augmentation
+from datamodules.detection.augment import MOSAIC_KEY, Augmentation
 from datamodules.detection.records import DetectionRecord, ImageDecodeError, letterbox, read_image
 from datamodules.errors import DataError
 
@@ -54,7 +54,17 @@ class DetectionDataset(Dataset):
         self.on_bad_image = on_bad_image
         self.evaluation = evaluation
         self._transform = None
-        self._transform_seed: int | None = None
+        self._transform_key: tuple[int, bool] | None = None
+        # Shared with DataLoader workers (also persistent ones): the DataModule switches mosaic off for the
+        # last epochs from the main process.
+        self._mosaic_on = torch.ones(1, dtype=torch.uint8).share_memory_()
+
+    def set_mosaic(self, on: bool) -> None:
+        self._mosaic_on.fill_(int(on))
+
+    @property
+    def mosaic_active(self) -> bool:
+        return self.augmentation is not None and self.augmentation.mosaic > 0 and bool(self._mosaic_on.item())
 
     def __len__(self) -> int:
         return len(self.records)
@@ -67,9 +77,12 @@ class DetectionDataset(Dataset):
         # One albumentations pipeline per process, seeded from torch's seed: a DataLoader worker's seed
         # changes every epoch and follows seed_everything, so augmentation is reproducible.
         seed = torch.initial_seed() % 2**32
-        if self._transform is None or self._transform_seed != seed:
-            self._transform, self._transform_seed = self.augmentation.build(seed), seed
-        out = self._transform(image=image, bboxes=boxes, classes=classes)
+        mosaic = self.mosaic_active
+        if self._transform is None or self._transform_key != (seed, mosaic):
+            self._transform = self.augmentation.build(seed, self.image_size, mosaic)
+            self._transform_key = (seed, mosaic)
+        extra = {MOSAIC_KEY: self._mosaic_partners()} if mosaic else {}
+        out = self._transform(image=image, bboxes=boxes, classes=classes, **extra)
         boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
         return out["image"], boxes, np.asarray(out["classes"], dtype=np.int64).reshape(-1)
 
@@ -85,7 +98,23 @@ class DetectionDataset(Dataset):
                     return None
         raise DataError("no image of the dataset decodes")
 
-    def _sample(self, index: int) -> dict[str, Any]:
+    def _mosaic_partners(self) -> list[dict[str, Any]]:
+        """3 other training images, letterboxed, with their boxes (the torch generator picks them)."""
+        partners = []
+        for other in torch.randint(len(self.records), (3,)).tolist():
+            try:
+                image, boxes, classes = self._letterboxed(other)[:3]
+            except ImageDecodeError as error:  # the mosaic repeats the primary image in that cell
+                if self.on_bad_image == "error":
+                    raise
+                log.warning("skipping %s", error)
+                continue
+            partners.append({"image": image, "bboxes": boxes, "classes": classes})
+        return partners
+
+    def _letterboxed(self, index: int):
+        """The network-input image of record `index`, its boxes there (pascal_voc pixels, empty ones dropped)
+        and classes, plus the native boxes, the letterbox and the native shape."""
         record = self.records[index]
         image = self.load(record.image)
         height, width = image.shape[:2]
@@ -100,10 +129,14 @@ class DetectionDataset(Dataset):
             image = corrupt(np.ascontiguousarray(image), name, severity, profile, seed, index=index)
         net_image, scale, (left, top) = letterbox(image, self.image_size)
         net_boxes = native_boxes * scale + np.array([left, top, left, top], dtype=np.float32)
-        classes = record.classes
+        keep = (net_boxes[:, 2] > net_boxes[:, 0]) & (net_boxes[:, 3] > net_boxes[:, 1])
+        return net_image, net_boxes[keep], record.classes[keep], native_boxes, (scale, left, top), (height, width)
+
+    def _sample(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        net_image, net_boxes, classes, native_boxes, (scale, left, top), (height, width) = self._letterboxed(index)
         if self.augmentation is not None:
-            keep = (net_boxes[:, 2] > net_boxes[:, 0]) & (net_boxes[:, 3] > net_boxes[:, 1])
-            net_image, net_boxes, classes = self._augment(net_image, net_boxes[keep], classes[keep])
+            net_image, net_boxes, classes = self._augment(net_image, net_boxes, classes)
         size = float(self.image_size)
         xyxy = net_boxes / size
         normalized = np.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
