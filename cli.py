@@ -33,6 +33,7 @@ from callbacks.checkpoint import RunCheckpoint
 from callbacks.flatness import FlatnessCallback
 from datamodules.corruptions import CorruptionError
 from datamodules.errors import DataError
+from deploy.errors import ExportError
 from lightning_modules.divergence import TrainingDiverged
 from lightning_modules.models import UnknownModelError
 from quantizers import QuantSpecError
@@ -53,6 +54,7 @@ class ConfigFileError(ValueError):
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigFileError,
     QuantSpecError, DataError, CorruptionError, UnknownModelError, ResultsStoreError, StudyError, FileNotFoundError,
+    ExportError,
 )
 RUNS_DIR = "runs"
 EXIT_DIVERGED = 3  # the loss became NaN/inf: a result, not a crash (a study records it and goes on)
@@ -335,6 +337,13 @@ def theorem_command(args: list[str]) -> None:
     check_runs(Path(config.path), config.bits, config.images, config.samples, config.hessian_samples)
 
 
+def export_command(args: list[str]) -> None:
+    """Export a trained checkpoint to ONNX (QDQ) or packed integer weights, checked in ONNX Runtime."""
+    from deploy.command import main as export_main
+
+    export_main(args, _tool_parser("export", export_command.__doc__))
+
+
 class StudyRunFailed(RuntimeError):
     """Some cells crashed; the study is resumable, so this ends with exit status 1, not a traceback."""
 
@@ -345,6 +354,7 @@ TOOL_COMMANDS = {
     "study": study_command,
     "report": report_command,
     "theorem": theorem_command,
+    "export": export_command,
 }
 
 
