@@ -8,7 +8,7 @@ integers, which is what ONNX's QuantizeLinear / DequantizeLinear compute and wha
 | LSQ weights | the learned step (per tensor or per channel) | [-2^(b-1), 2^(b-1)-1] | int8 |
 | LSQ activations | the learned step | [0, 2^b-1], or [-2^(b-1), 2^(b-1)-1] with act_signed | uint8 / int8 |
 | PACT activations | alpha / (2^b-1) | [0, 2^b-1] | uint8 |
-| DoReFa weights | 1/(2^b-1), times max|w| with rescale (last layer) | odd in [-(2^b-1), 2^b-1] | int8; int16 at 8 bits |
+| DoReFa weights | 1/(2^b-1), times max|w| with rescale (last layer) | odd in [-(2^b-1), 2^b-1] | int8 (int16: 8 bits) |
 
 DoReFa's levels `2 q/(2^b-1) - 1` (q = 0..2^b-1) are `(2q - (2^b-1)) / (2^b-1)`: odd integers over 2^b-1,
 which has no zero level and needs no zero point. At 8 bits the odd integers reach +-255, outside int8, so
