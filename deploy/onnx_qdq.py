@@ -170,6 +170,15 @@ def onnx_bytes(deployed: nn.Module, example: torch.Tensor) -> tuple[bytes, list[
     return program.model_proto.SerializeToString(), names
 
 
+def _strip_trace_metadata(model) -> None:
+    """Drop the exporter's per-node Python stack traces: 40 % of a ResNet20 file, of no use to a runtime."""
+    for items in (model.graph.node, model.graph.value_info, model.graph.initializer):
+        for item in items:
+            del item.metadata_props[:]
+    for node in model.graph.node:
+        node.doc_string = ""
+
+
 def export_onnx(net: nn.Module, example: torch.Tensor, path: str | Path, fold_bn: bool = False,
                 check: Callable[[Path], None] | None = None) -> OnnxExport:
     """Write `net` (fake-quant or float) as an ONNX QDQ model; `example` is one input batch (N, C, H, W).
@@ -181,6 +190,7 @@ def export_onnx(net: nn.Module, example: torch.Tensor, path: str | Path, fold_bn
     deployed, layers = deploy_network(net)
     data, names = onnx_bytes(deployed, example)
     model = onnx.load_from_string(data)
+    _strip_trace_metadata(model)
     folded, not_folded = fold_batch_norms(model) if fold_bn else ([], [])
     onnx.checker.check_model(model)
     data = model.SerializeToString()
