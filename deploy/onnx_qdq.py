@@ -147,9 +147,14 @@ def _output_names(outputs) -> list[str]:
 
 
 def flat_outputs(outputs) -> list[torch.Tensor]:
+    """The tensors of a network's output (a tensor, or nested tuples / lists / dicts of them), in order."""
     if isinstance(outputs, torch.Tensor):
         return [outputs]
-    return [t for item in outputs for t in flat_outputs(item)]
+    if isinstance(outputs, dict):
+        outputs = list(outputs.values())
+    if isinstance(outputs, list | tuple):
+        return [t for item in outputs for t in flat_outputs(item)]
+    return []
 
 
 def onnx_bytes(deployed: nn.Module, example: torch.Tensor) -> tuple[bytes, list[str]]:

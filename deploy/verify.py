@@ -63,6 +63,9 @@ def runtime_kernels(path: str | Path, scratch: Path) -> dict[str, int]:
 def compare(path: str | Path, net: nn.Module, images: torch.Tensor, batch_size: int = 256) -> Agreement:
     """Outputs of the ONNX model at `path` in ONNX Runtime vs `net` (eval mode) on `images`, batch by batch."""
     runtime = session(path)
+    fixed = runtime.get_inputs()[0].shape[0]
+    if isinstance(fixed, int):  # an exporter that could not keep the batch dimension symbolic
+        batch_size = fixed
     was_training = net.training
     net.eval()
     ours, theirs = [], []
@@ -70,7 +73,10 @@ def compare(path: str | Path, net: nn.Module, images: torch.Tensor, batch_size: 
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].float().contiguous()
             theirs.append([t.float().numpy() for t in flat_outputs(net(batch))])
-            ours.append(runtime.run(None, {INPUT_NAME: batch.numpy()}))
+            count = len(batch)
+            if isinstance(fixed, int) and count < fixed:  # pad the last batch, keep its own outputs
+                batch = torch.cat([batch, batch[:1].expand(fixed - count, *batch.shape[1:])])
+            ours.append([out[:count] for out in runtime.run(None, {INPUT_NAME: batch.numpy()})])
     finally:
         net.train(was_training)
     reference = [np.concatenate(parts) for parts in zip(*theirs, strict=True)]
