@@ -12,17 +12,23 @@ unknown corruption) ends in one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
+import math
 import os
 import re
+import shlex
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 # Imported for their side effect too: LightningCLI resolves short class names (DigitsDataModule,
 # ClassificationModule) among the subclasses already imported.
@@ -30,6 +36,7 @@ import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
 from callbacks import QuantizationCallback, ResultsCallback
 from callbacks.checkpoint import RunCheckpoint
+from callbacks.checkpoint_io import AtomicCheckpointIO, CheckpointError, CheckpointWriteError, read_checkpoint
 from callbacks.flatness import FlatnessCallback
 from datamodules.corruptions import CorruptionError
 from datamodules.errors import DataError
@@ -37,8 +44,10 @@ from deploy.errors import ExportError
 from lightning_modules.divergence import TrainingDiverged
 from lightning_modules.models import UnknownModelError
 from quantizers import QuantSpecError
+from records.exits import EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR
+from records.store import ResultsStoreError
+from records.wandb_mode import wandb_is_online
 from study.grid import StudyError
-from study.store import ResultsStoreError
 
 # Lightning's own use of deprecated jsonargparse calls is not the user's concern, nor is W&B's chatter
 # (set WANDB_SILENT=false to see it); qreg prints where an offline run went.
@@ -48,35 +57,52 @@ os.environ.setdefault("WANDB_SILENT", "true")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 class ConfigFileError(ValueError):
-    """A config file that is not valid YAML."""
+    """A config file that is not valid YAML, or repeats a key."""
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used: a file, not writable, or a study cell's folder for an evaluation."""
+
+
+class NothingToTrain(ValueError):
+    """A fit that would train nothing (no epoch, no batch) and still write results that look like a run."""
+
+
+class OptionError(ValueError):
+    """An option with a value its component rejects (a negative learning rate, ...)."""
+
+
+class TrainerOptionError(ValueError):
+    """Trainer options Lightning refuses (e.g. --trainer.accelerator gpu on a machine without one)."""
 
 
 USER_ERRORS: tuple[type[Exception], ...] = (
-    ConfigFileError,
-    QuantSpecError, DataError, CorruptionError, UnknownModelError, ResultsStoreError, StudyError, FileNotFoundError,
+    ConfigFileError, RunFolderError, NothingToTrain, OptionError, TrainerOptionError, CheckpointError,
+    CheckpointWriteError, MisconfigurationException,
+    QuantSpecError, DataError, CorruptionError, UnknownModelError, ResultsStoreError, StudyError,
     ExportError,
 )
+# Filesystem conditions the user fixes (free space, quota, a read-only mount) wherever they strike; any other
+# OSError is the user's only when it names a file the user named (or one inside it), else it is a bug.
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 RUNS_DIR = "runs"
-EXIT_DIVERGED = 3  # the loss became NaN/inf: a result, not a crash (a study records it and goes on)
-EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
-
-
-def wandb_is_online() -> bool:
-    """True when W&B credentials exist (env var or `wandb login`); otherwise runs are logged offline."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return "api.wandb.ai" in netrc.read_text()
-    except OSError:
-        return False
+INTERRUPTED_LINE = ("qreg: stopped by {signal}; a fit's checkpoints/last.ckpt holds its progress: resume with "
+                    "--ckpt_path <run>/checkpoints/last.ckpt")
 
 
 def _default_run_dir(config: Any, subcommand: str) -> str:
-    """One directory per run: runs/<first config's stem>-<time>, or the checkpoint's run for evaluation."""
+    """One directory per run: runs/<first config's stem>-<time>, or the checkpoint's run for evaluation.
+
+    The evaluation of a study cell's checkpoint gets a folder of its own, `<study>/evaluations/<cell>-<ckpt>-
+    <time>`: written into the cell's folder, its predictions.npz and results would replace the records the
+    study's report reads."""
     ckpt_path = config.get("ckpt_path")
     if subcommand != "fit" and ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
-        return str(Path(ckpt_path).parent.parent)
+        run = Path(ckpt_path).parent.parent
+        if is_study_cell(run):
+            name = f"{run.name}-{Path(ckpt_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+            return _reserve(run.parent.parent / "evaluations" / name)
+        return str(run)
     configs = config.get("config") or []
     stem = Path(str(configs[0])).stem if configs else "run"
     # Under SLURM the folder is named after the job, which a requeue keeps: the requeued job finds its own
@@ -86,13 +112,139 @@ def _default_run_dir(config: Any, subcommand: str) -> str:
         return str(Path(RUNS_DIR) / f"{stem}-slurm{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', 0)}")
     if env.get("SLURM_JOB_ID"):
         return str(Path(RUNS_DIR) / f"{stem}-slurm{env['SLURM_JOB_ID']}")
-    return str(Path(RUNS_DIR) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return _reserve(Path(RUNS_DIR) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+_RESERVED: list[Path] = []  # run folders this process created for itself (removed again if left empty)
+
+
+def _reserve(folder: Path) -> str:
+    """Create a fresh run folder, adding -2, -3, ... when another run started in the same second took the
+    name: two fits of one config started together never share (and overwrite) one folder."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        candidate = folder if attempt == 1 else folder.with_name(f"{folder.name}-{attempt}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        _RESERVED.append(candidate)
+        return str(candidate)
+    raise RunFolderError(f"cannot find a free run folder name next to {folder}")
+
+
+def _release_unused_run_folders() -> None:
+    while _RESERVED:
+        folder = _RESERVED.pop()
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty: a run that wrote anything keeps its folder
+
+
+def is_study_cell(folder: Path) -> bool:
+    """A study's cell folder (`<study>/cells/<cell>/`, holding the runner's lock file)."""
+    return folder.parent.name == "cells" and (folder / ".cell.lock").exists()
+
+
+def check_run_folder(folder: str | os.PathLike) -> None:
+    """Refuse, before anything is written, a run folder that is a file, or that cannot be created or written
+    (missing permission, read-only file system)."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise RunFolderError(f"run folder {path} exists and is not a directory; set --trainer.default_root_dir")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunFolderError(f"run folder {path} cannot be created: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "is on a read-only file system" if _read_only_fs(existing) else "is not writable"
+        raise RunFolderError(f"run folder {path} cannot be written: {existing} {why}")
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # Lightning resolves these names itself
+OPTIMIZER_OPTIONS = ("lr", "momentum", "weight_decay", "gamma", "lrf", "warmup_epochs")  # each must be >= 0
+
+
+def check_training_length(trainer: Any) -> None:
+    """Refuse a fit that would train nothing: its test rows would look like a trained run's (and a study
+    would count the cell as finished)."""
+    for option in ("max_epochs", "max_steps"):
+        if trainer.get(option) == 0:
+            raise NothingToTrain(f"--trainer.{option} 0 trains nothing; give at least 1 (or -1 for no limit)")
+    limit = trainer.get("limit_train_batches")
+    if limit is not None and not isinstance(limit, bool) and limit <= 0:
+        raise NothingToTrain(f"--trainer.limit_train_batches {limit} trains nothing; give at least 1 batch")
+
+
+def check_training_batches(datamodule: Any, trainer: Any) -> None:
+    """Refuse a training set that gives no batch per epoch (smaller than one batch, with drop_last)."""
+    from datamodules.base import ImageClassificationDataModule
+
+    if datamodule is None or not hasattr(datamodule, "batch_size"):
+        return
+    datamodule.setup("fit")  # idempotent: Lightning's own call reuses the split
+    train_set = getattr(datamodule, "train_set", None)
+    if train_set is None:
+        return
+    images = len(train_set) // max(1, trainer.world_size)
+    drop_last = isinstance(datamodule, ImageClassificationDataModule)  # its training batches are all full
+    batches = images // datamodule.batch_size if drop_last else math.ceil(images / datamodule.batch_size)
+    limit = trainer.limit_train_batches
+    if isinstance(limit, float) and limit <= 1.0:
+        batches = int(batches * limit)
+    if batches == 0:
+        ranks = f" per process ({trainer.world_size} processes)" if trainer.world_size > 1 else ""
+        raise NothingToTrain(
+            f"{images} training images{ranks} make no full batch of data.init_args.batch_size "
+            f"{datamodule.batch_size} (incomplete batches are dropped): no training step would run; "
+            "lower the batch size or give more data")
+
+
+def check_optimizer_options(model: Any) -> None:
+    """Refuse a negative (or non-finite) learning rate, momentum, weight decay, ... before a Trainer is built:
+    torch would refuse it only when fit has started and written its run folder."""
+    init_args = (model or {}).get("init_args") or {}
+    for option in OPTIMIZER_OPTIONS:
+        value = init_args.get(option)
+        if isinstance(value, int | float) and not isinstance(value, bool) and not (0 <= value < math.inf):
+            raise OptionError(f"--model.init_args.{option} must be a finite number >= 0, got {value}")
+
+
+class _CtrlC:
+    """Ctrl-C during a fit or test stops it the way SIGTERM does: at the next batch boundary, where Lightning
+    raises SIGTERMException and qreg saves a consistent `last.ckpt` (a KeyboardInterrupt could land inside an
+    optimizer step). A second Ctrl-C, or one outside a running trainer, interrupts at once."""
+
+    trainer = None
+    received = False
+
+    @classmethod
+    def handle(cls, _number, _frame) -> None:
+        from lightning.pytorch.trainer.states import TrainerStatus
+
+        trainer = cls.trainer
+        if cls.received or trainer is None or trainer.state.status != TrainerStatus.RUNNING:
+            raise KeyboardInterrupt
+        cls.received = True
+        trainer._signal_connector.received_sigterm = True
+        print("\nqreg: Ctrl-C: stopping after this batch and saving last.ckpt (press again to stop at once)",
+              file=sys.stderr, flush=True)
 
 
 def _build_parser_classes():
     # Deferred so that `python cli.py --help` style errors stay fast and lightning imports once.
+    from jsonargparse import ArgumentError
     from lightning.pytorch.callbacks import RichProgressBar
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+    from lightning.pytorch.plugins.io import CheckpointIO
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     class RunConfigSaver(SaveConfigCallback):
         """Saves `config.yaml` for fit and `config-<stage>.yaml` for evaluations in the same run folder."""
@@ -119,10 +271,35 @@ def _build_parser_classes():
                 help="after fit, evaluate the final weights on the test splits and append them to the results",
             )
 
+        def _parse_ckpt_path(self) -> None:
+            # Lightning reads the checkpoint's hyperparameters here, first of all: validate the file before.
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if ckpt_path and ckpt_path not in LIGHTNING_CKPT_NAMES:
+                read_checkpoint(ckpt_path)
+            try:
+                super()._parse_ckpt_path()
+            except (ArgumentError, SystemExit) as error:
+                raise CheckpointError(f"checkpoint {ckpt_path} carries hyperparameters this version of qreg does "
+                                      f"not accept: {_one_line(error)}") from None
+            unknown = (self.config[subcommand].get("model") or {}).get("dict_kwargs") if ckpt_path else None
+            if unknown:
+                raise CheckpointError(f"checkpoint {ckpt_path} carries hyperparameters this version of qreg does "
+                                      f"not accept: {', '.join(sorted(unknown))}")
+
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand]
             if not config.trainer.get("default_root_dir"):
                 config.trainer.default_root_dir = _default_run_dir(config, self.subcommand)
+            elif self.subcommand != "fit" and is_study_cell(Path(config.trainer.default_root_dir)):
+                raise RunFolderError(
+                    f"{config.trainer.default_root_dir} is a study cell's folder: an evaluation there would replace "
+                    "the records the study's report reads; leave --trainer.default_root_dir unset (the evaluation "
+                    "then gets <study>/evaluations/<cell>-<checkpoint>-<time>/) or choose another folder")
+            check_run_folder(config.trainer.default_root_dir)
+            if self.subcommand == "fit":
+                check_training_length(config.trainer)
+            check_optimizer_options(config.get("model"))
             if config.trainer.get("enable_progress_bar") is False:
                 self.trainer_defaults["callbacks"] = [
                     c for c in self.trainer_defaults["callbacks"] if not isinstance(c, RichProgressBar)
@@ -136,7 +313,21 @@ def _build_parser_classes():
             trainer_config = self._get(self.config_init, "trainer", default={})
             if trainer_config.get("logger") in (None, True):
                 kwargs["logger"] = self._wandb_logger(trainer_config["default_root_dir"])
-            return super().instantiate_trainer(**kwargs)
+            # Every checkpoint written atomically on the run folder's file system (Lightning's own write copies
+            # it there from $TMPDIR when they differ), and validated when read.
+            plugins = trainer_config.get("plugins") or []
+            plugins = plugins if isinstance(plugins, list) else [plugins]
+            if not any(isinstance(p, CheckpointIO) for p in plugins):
+                kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+            try:
+                trainer = super().instantiate_trainer(**kwargs)
+            except MisconfigurationException as error:
+                raise TrainerOptionError(f"trainer: {_one_line(error)}") from None
+            _CtrlC.trainer = trainer
+            return trainer
+
+        def before_fit(self) -> None:
+            check_training_batches(self.datamodule, self.trainer)
 
         def _wandb_logger(self, run_dir: str):
             from callbacks.wandb_logger import ResilientWandbLogger
@@ -173,7 +364,9 @@ def _build_parser_classes():
 
 
 def run_lightning(args: list[str] | None) -> None:
-    from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from callbacks.progress import SplitsProgressBar
 
     QregCLI, RunConfigSaver = _build_parser_classes()
     QregCLI(
@@ -189,7 +382,7 @@ def run_lightning(args: list[str] | None) -> None:
             "max_epochs": 200,
             "log_every_n_steps": 10,
             "callbacks": [
-                RichProgressBar(leave=True),
+                SplitsProgressBar(leave=True),
                 RunCheckpoint(),
                 LearningRateMonitor(logging_interval="epoch"),
             ],
@@ -197,6 +390,8 @@ def run_lightning(args: list[str] | None) -> None:
     )
 
 
+_TYPE_ERROR = re.compile(r'^Parser key "(\w+)": Does not validate .*?Problem with given class_path [^:]+: '
+                         r'Parser key "([^"]+)": Expected a <class \'(\w+)\'>\. Got value: (\S+)')
 _LITERAL_ERROR = re.compile(r'Parser key "([^"]+)": Expected a typing\.Literal\[(.+?)\]\. Got value: (\S+)')
 
 
@@ -223,6 +418,7 @@ def corrupt_command(args: list[str]) -> None:
     settings = datamodule.corrupted_test
     cache = CorruptionCache(config.cache_dir, clean.images, settings.profile, settings.seed)
     splits = settings.splits()
+    cache.discard_damaged(splits)  # a damaged or foreign file is regenerated, never kept
     todo = cache.missing(splits)
     start = time.perf_counter()
     with progress_bar(disable=not todo) as progress:
@@ -232,6 +428,9 @@ def corrupt_command(args: list[str]) -> None:
     rate = f", {len(todo) * len(clean) / seconds:,.0f} images/s" if todo else ""
     print(f"{len(todo)} of {len(splits)} splits written to {cache.directory} in {seconds:.1f} s{rate}; "
           f"use them with --data.init_args.corrupted_test.cache_dir {config.cache_dir}")
+
+
+MIN_GRID_IMAGE = 16
 
 
 def corruption_grid_command(args: list[str]) -> None:
@@ -252,6 +451,11 @@ def corruption_grid_command(args: list[str]) -> None:
             pixels = np.asarray(image.convert("RGB"))
     except OSError as error:
         raise DataError(f"cannot read image {config.image}: {error}") from None
+    height, width = pixels.shape[:2]
+    if min(height, width) < MIN_GRID_IMAGE:
+        # the imagenet profile's glass blur needs room for its displacements; below this it has no pixels left
+        raise DataError(f"{config.image} is {width}x{height} pixels; corruption-grid needs at least "
+                        f"{MIN_GRID_IMAGE}x{MIN_GRID_IMAGE}")
     path = save_corruption_grid(pixels, config.out, profile=config.profile, seed=config.seed)
     print(f"wrote {path}")
 
@@ -262,7 +466,7 @@ def study_command(args: list[str]) -> None:
 
     from study.grid import StudyConfig
     from study.report import write_report
-    from study.runner import StudyRunner, print_outcomes
+    from study.runner import StudyRunner, interruption, print_outcomes
     from study.slurm import write_slurm_scripts
 
     parser = _tool_parser("study", study_command.__doc__)
@@ -290,6 +494,11 @@ def study_command(args: list[str]) -> None:
     runner = StudyRunner(study, study_file)
     outcomes = runner.run(only=config.cell)
     print_outcomes(outcomes)
+    stopped = interruption(outcomes, runner.stopped_by)
+    if stopped is not None:
+        status, what = stopped
+        again = shlex.join([sys.executable, str(Path(__file__).resolve()), "study", *args])
+        raise StudyInterrupted(status, f"study stopped: {what}; no further cell was started. Resume with: {again}")
     if config.cell is None and config.report:
         print(f"report: {write_report(runner.directory)}")
     failed = [o.cell.name for o in outcomes if o.status == "failed"]
@@ -348,6 +557,14 @@ class StudyRunFailed(RuntimeError):
     """Some cells crashed; the study is resumable, so this ends with exit status 1, not a traceback."""
 
 
+class StudyInterrupted(RuntimeError):
+    """A signal stopped the study (after its running cell saved): ends with the cell's status, 143 / 130."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 TOOL_COMMANDS = {
     "corrupt": corrupt_command,
     "corruption-grid": corruption_grid_command,
@@ -359,18 +576,49 @@ TOOL_COMMANDS = {
 
 
 def check_config_files(args: list[str]) -> None:
-    """Read every `--config` file first, so a YAML syntax error names its file and line."""
+    """Read every config file first (`--config` and any `--<key> file.yaml`, and the files they compose), so a
+    YAML syntax error names its file and line, and a key written twice (YAML keeps the last one silently) is
+    refused naming the key, its lines and the file."""
+    files = [value for flag, value in zip(args, args[1:], strict=False)
+             if flag.startswith("--") and (flag == "--config" or value.endswith((".yaml", ".yml")))]
+    seen: set[Path] = set()
+    while files:
+        path = Path(files.pop())
+        if not path.is_file() or path.resolve() in seen:
+            continue
+        seen.add(path.resolve())
+        document = _read_yaml_strictly(path)
+        # LightningCLI composes sections given as file names relative to the including file.
+        if isinstance(document, dict):
+            for value in document.values():
+                if isinstance(value, str) and value.endswith((".yaml", ".yml")):
+                    files.append(str(path.parent / value))
+
+
+def _read_yaml_strictly(path: Path) -> Any:
     import yaml
 
-    for flag, value in zip(args, args[1:], strict=False):
-        if flag == "--config" and Path(value).is_file():
-            try:
-                yaml.safe_load(Path(value).read_text())
-            except yaml.YAMLError as error:
-                mark = getattr(error, "problem_mark", None)
-                where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-                problem = getattr(error, "problem", None) or "cannot be parsed"
-                raise ConfigFileError(f"{value} is not valid YAML{where}: {problem}") from None
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in lines:
+                    raise ConfigFileError(f"{path} sets {key!r} twice (lines {lines[key]} and {line}); YAML would "
+                                          "silently keep the last one: merge them into one")
+                lines[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    try:
+        return yaml.load(path.read_text(), Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(error, "problem", None) or "cannot be parsed"
+        raise ConfigFileError(f"{path} is not valid YAML{where}: {problem}") from None
+    except OSError as error:
+        raise ConfigFileError(f"config file {path} cannot be read: {error.strerror}") from None
 
 
 def _one_line(error: BaseException) -> str:
@@ -380,6 +628,10 @@ def _one_line(error: BaseException) -> str:
     if choice:
         key, choices, value = choice.groups()
         return f"{key}: {value!r} is not a valid choice; choose one of: {choices.replace(chr(39), '')}"
+    typed = _TYPE_ERROR.search(text)
+    if typed:
+        outer, key, kind, value = typed.groups()
+        return f"{outer}.init_args.{key}: expected a {kind}, got {value}"
     return text
 
 
@@ -394,14 +646,57 @@ def _find(error: BaseException | None, kinds) -> BaseException | None:
     return None
 
 
-def user_error(error: BaseException) -> BaseException | None:
-    """The user's mistake behind an exception, if any."""
+def user_error(error: BaseException, args: list[str] = ()) -> BaseException | None:
+    """The user's mistake behind an exception, if any: one of the user-error classes, a full disk or read-only
+    mount, or a filesystem error about a path the user gave on the command line (or a file inside it)."""
     from jsonargparse import ArgumentError
 
-    return _find(error, (*USER_ERRORS, ArgumentError))
+    mistake = _find(error, (*USER_ERRORS, ArgumentError))
+    if mistake is not None:
+        return mistake
+    oserror = _find(error, OSError)
+    if oserror is None:
+        return None
+    if oserror.errno in ENVIRONMENT_ERRNOS or _names_user_path(oserror, args):
+        return UserFileError(_describe_oserror(oserror))
+    return None
+
+
+class UserFileError(OSError):
+    """A filesystem error about a file the user named: reported in one line."""
+
+
+def _names_user_path(error: OSError, args: list[str]) -> bool:
+    named = [Path(value).absolute() for value in args if value and not value.startswith("-") and os.sep in value]
+    named += [Path(RUNS_DIR).absolute()]
+    for filename in (error.filename, error.filename2):
+        if filename is None:
+            continue
+        path = Path(os.fsdecode(filename)).absolute()
+        if any(path == p or p in path.parents for p in named):
+            return True
+    return False
+
+
+def _describe_oserror(error: OSError) -> str:
+    reason = error.strerror or str(error)
+    files = " -> ".join(os.fsdecode(f) for f in (error.filename, error.filename2) if f is not None)
+    return f"{files}: {reason}" if files else reason
 
 
 def main(argv: list[str] | None = None) -> int:
+    _CtrlC.trainer, _CtrlC.received = None, False
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _CtrlC.handle) if in_main_thread else None
+    try:
+        return _main(argv)
+    finally:
+        _CtrlC.trainer = None
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     # A user's mistake is one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     args = list(sys.argv[1:] if argv is None else argv)
@@ -415,20 +710,33 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, StudyRunFailed):
             print(f"qreg: {error}", file=sys.stderr)
             return 1
+        if isinstance(error, StudyInterrupted):
+            print(f"qreg: {error}", file=sys.stderr)
+            return error.status
         diverged = _find(error, TrainingDiverged)
         if diverged is not None:
             print(f"qreg: diverged: {_one_line(diverged)}", file=sys.stderr)
             return EXIT_DIVERGED
-        mistake = user_error(error)
+        mistake = user_error(error, args)
+        _release_unused_run_folders()
         if mistake is None:
             raise
         print(f"qreg: error: {_one_line(mistake)}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except SIGTERMException:
-        print("qreg: stopped by SIGTERM; the run's checkpoints/last.ckpt holds its progress: resume with "
-              "--ckpt_path <run>/checkpoints/last.ckpt", file=sys.stderr)
+        if _CtrlC.received:
+            print(INTERRUPTED_LINE.format(signal="Ctrl-C (SIGINT)"), file=sys.stderr)
+            return EXIT_SIGINT
+        print(INTERRUPTED_LINE.format(signal="SIGTERM"), file=sys.stderr)
         return EXIT_SIGTERM
+    except KeyboardInterrupt:
+        print(INTERRUPTED_LINE.format(signal="Ctrl-C (SIGINT)"), file=sys.stderr)
+        return EXIT_SIGINT
     except SystemExit as done:  # --help and --print_config end this way
+        if _find(done, KeyboardInterrupt) is not None:
+            # Lightning turns Ctrl-C into sys.exit(1) after its callbacks' on_exception (qreg's saves last.ckpt)
+            print(INTERRUPTED_LINE.format(signal="Ctrl-C (SIGINT)"), file=sys.stderr)
+            return EXIT_SIGINT
         return done.code if isinstance(done.code, int) else int(done.code is not None)
     return 0
 

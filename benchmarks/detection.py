@@ -35,7 +35,7 @@ from timing import TimedTrainingStep  # noqa: E402  (benchmarks/, the script's o
 
 from datamodules import RectanglesDataModule, VOCDataModule  # noqa: E402
 from datamodules.corruptions.splits import CorruptedTest  # noqa: E402
-from datamodules.voc import detection_collate  # noqa: E402
+from datamodules.detection import detection_collate  # noqa: E402
 from lightning_modules.yolo import build_yolo, non_max_suppression  # noqa: E402
 from quantizers import QuantSpec, parameter_groups, quantize_model  # noqa: E402
 

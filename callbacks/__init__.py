@@ -1,21 +1,7 @@
-"""Lightning callbacks: quantization injection, and the metrics-to-disk writer the report reads."""
+"""Lightning callbacks: quantization injection, flatness measures, and the writer of a run's files (which
+`records` defines and reads)."""
 
 from callbacks.quantization import QuantizationCallback
-from callbacks.results import (
-    METRICS_FILE,
-    PREDICTIONS_FILE,
-    RESULTS_FILE,
-    ResultsCallback,
-    load_predictions,
-    read_epoch_metrics,
-)
+from callbacks.results import ResultsCallback
 
-__all__ = [
-    "METRICS_FILE",
-    "PREDICTIONS_FILE",
-    "RESULTS_FILE",
-    "QuantizationCallback",
-    "ResultsCallback",
-    "load_predictions",
-    "read_epoch_metrics",
-]
+__all__ = ["QuantizationCallback", "ResultsCallback"]

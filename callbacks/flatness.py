@@ -2,7 +2,7 @@
 
 On a fixed subset of the training images (no augmentation, eval mode) it measures the training loss and
 accuracy of the model as tested (for the train-test gap), and, on the full-precision function of its weights
-(fake quantization off, see study/mechanism.py), the mean loss increase under random weight perturbations
+(fake quantization off, see records/mechanism.py), the mean loss increase under random weight perturbations
 of relative size rho and the Hessian trace. They reach the results store as split "train" rows beside the
 test rows (the same atomic append), so the report can put them next to the corruption deltas.
 """
@@ -12,18 +12,20 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from study.mechanism import fake_quantization_off, hessian_trace, loss_and_accuracy, sharpness
-
-TRAIN_SPLIT = "train"
+from datamodules.subsets import stratified_indices
+from records.mechanism import fake_quantization_off, hessian_trace, loss_and_accuracy, sharpness
+from records.splits import TRAIN
 
 
 def training_batches(datamodule, images: int, batch_size: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first `images` training images, normalised like evaluation batches, on `device`."""
+    """`images` training images drawn class-stratified under the data's split seed (the same for every run;
+    "the first ones" of a class-ordered image folder would be one class), normalised like evaluation batches,
+    on `device`."""
     dataset = datamodule.train_set
-    count = min(images, len(dataset))
+    chosen = stratified_indices(dataset.labels, images, getattr(datamodule, "split_seed", 0)).tolist()
     batches = []
-    for start in range(0, count, batch_size):
-        pixels, labels = dataset.__getitems__(list(range(start, min(start + batch_size, count))))
+    for start in range(0, len(chosen), batch_size):
+        pixels, labels = dataset.__getitems__(chosen[start:start + batch_size])
         batches.append((datamodule.normalize(pixels.to(device)), labels.to(device)))
     return batches
 
@@ -33,11 +35,13 @@ class FlatnessCallback(L.Callback):
 
     Args:
         enabled: set false to skip (it costs about as much as a few evaluation epochs of `images` images).
-        images: how many training images the measures use (the first ones of the training split).
+        images: how many training images the measures use (class-stratified, the same for every run).
         rho: relative size of the random weight perturbations of the sharpness measure.
         samples: perturbations averaged for the sharpness.
         hessian_samples: Rademacher vectors averaged for the Hessian trace.
     """
+
+    adds_test_results = True  # writes pl_module.test_results in on_test_end: ResultsCallback must come after it
 
     def __init__(self, enabled: bool = True, images: int = 256, rho: float = 0.05, samples: int = 8,
                  hessian_samples: int = 4) -> None:
@@ -63,7 +67,7 @@ class FlatnessCallback(L.Callback):
                     trace, trace_error = hessian_trace(net, batches, self.hessian_samples)
         finally:
             net.train(was_training)
-        pl_module.test_results[TRAIN_SPLIT] = {
+        pl_module.test_results[TRAIN] = {
             "loss": loss, "accuracy": accuracy, "sharpness": sharp, "sharpness_stderr": sharp_error,
             "hessian_trace": trace, "hessian_trace_stderr": trace_error,
         }

@@ -1,18 +1,17 @@
-"""`ResultsCallback`: writes what the report reads, to the run directory.
+"""`ResultsCallback`: writes what the report reads, to the run directory, through `records`.
 
-- after every training epoch, one JSON line of epoch-level metrics in `<run dir>/metrics.jsonl` (the
-  validation-loss curves and overfitting onset come from here, not from W&B, whose offline files are not
-  reliably readable);
-- after `test`, one results-store row per (split, metric) in `<run dir>/results.jsonl` (DESIGN.md schema).
+- after every training epoch, one line of epoch-level metrics in `<run dir>/metrics.jsonl` (the validation-loss
+  curves and overfitting onset come from here, not from W&B, whose offline files are not reliably readable),
+  with the learning rate of every optimizer group as the epoch trained with it;
+- after `test`, one results-store row per (split, metric) in `<run dir>/results.jsonl` and the per-image
+  correctness of every split in `<run dir>/predictions.npz`.
 
-Lightning's CSVLogger is not used for the first: a resumed run rewrites its header from the new process's
-keys and duplicates the epochs replayed after the last checkpoint. Here readers keep the last line written
-for each epoch, so a resumed run simply supersedes what it replays.
+What it needs from the task module is the `TaskModule` contract (lightning_modules/task.py): `net`,
+`test_results` and `test_predictions`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -22,26 +21,25 @@ import lightning as L
 import torch
 
 from quantizers import applied_spec
-from study.metrics import CLEAN, corruption_means
-from study.store import RESULTS_FILE, append_rows, locked, write_atomically
+from records.measures import corruption_means, detection_summary
+from records.run_files import METRICS_FILE, PREDICTIONS_FILE, append_epoch_metrics, save_predictions
+from records.splits import CLEAN, split_identity
+from records.store import RESULTS_FILE, append_rows
 
-METRICS_FILE = "metrics.jsonl"
-PREDICTIONS_FILE = "predictions.npz"
-FLOAT_BITS = 32  # how a float (unquantized) tensor's precision is recorded in a results row
-
-
-def split_identity(name: str) -> tuple[str, str, int]:
-    """'clean' -> ('test', 'clean', 0); 'gaussian_noise/3' -> ('test', 'gaussian_noise', 3);
-    'train' (measures on training images) -> ('train', 'none', 0)."""
-    if name == "train":
-        return "train", "none", 0
-    corruption, _, severity = name.partition("/")
-    return "test", corruption, int(severity) if severity else 0
+LR_MONITOR_PREFIX = "lr-"  # Lightning's LearningRateMonitor columns (for W&B); metrics.jsonl has its own
 
 
-def run_identity(trainer: L.Trainer, pl_module: L.LightningModule, study: str, run: str) -> dict[str, Any]:
-    """The columns of a results row that describe the run rather than the measurement."""
+def run_identity(
+    trainer: L.Trainer, pl_module: L.LightningModule, study: str, run: str,
+    weights_at: tuple[int | None, int] | None = None,
+) -> dict[str, Any]:
+    """The columns of a results row that describe the run rather than the measurement.
+
+    `weights_at` is the (epoch, global step) of the weights measured, as stored in the checkpoint they came
+    from; without one, the trainer's current position (the live weights)."""
+    epoch, step = weights_at if weights_at is not None else (trainer.current_epoch, trainer.global_step)
     spec = applied_spec(pl_module.net)
+    weight_bits, act_bits = spec.recorded_bits
     seed = os.environ.get("PL_GLOBAL_SEED")
     datamodule = getattr(trainer, "datamodule", None)
     return {
@@ -50,9 +48,11 @@ def run_identity(trainer: L.Trainer, pl_module: L.LightningModule, study: str, r
         "model": pl_module.hparams.get("model", type(pl_module.net).__name__.lower()),
         "dataset": getattr(datamodule, "name", "unknown"),
         "method": spec.method,
-        "weight_bits": spec.weight_bits if spec.quantized else FLOAT_BITS,
-        "act_bits": spec.effective_act_bits or FLOAT_BITS,
+        "weight_bits": weight_bits,
+        "act_bits": act_bits,
         "seed": int(seed) if seed is not None else None,
+        "epoch": epoch,
+        "step": step,
     }
 
 
@@ -62,41 +62,6 @@ def _scalar(value: Any) -> float | None:
             return None
         value = value.item()
     return float(value) if isinstance(value, int | float) else None
-
-
-def save_predictions(path: Path, correct: dict[str, Any]) -> None:
-    """Per-image correctness by split, bit-packed: what the report's paired bootstrap resamples."""
-    import io
-
-    import numpy as np
-
-    buffer = io.BytesIO()
-    arrays = {name.replace("/", "__"): np.packbits(np.asarray(v, dtype=bool)) for name, v in correct.items()}
-    sizes = {f"size__{key}": np.array(len(v)) for key, v in zip(arrays, correct.values(), strict=True)}
-    np.savez_compressed(buffer, **arrays, **sizes)
-    write_atomically(path, buffer.getvalue())
-
-
-def load_predictions(path: str | Path) -> dict[str, Any]:
-    """The inverse of save_predictions: split name -> bool array."""
-    import numpy as np
-
-    with np.load(path) as data:
-        return {
-            key.replace("__", "/"): np.unpackbits(data[key])[: int(data[f"size__{key}"])].astype(bool)
-            for key in data.files if not key.startswith("size__")
-        }
-
-
-def read_epoch_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a metrics file, one per epoch (the last line written wins), sorted by epoch."""
-    by_epoch: dict[int, dict] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                row = json.loads(line)
-                by_epoch[int(row["epoch"])] = row
-    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 class ResultsCallback(L.Callback):
@@ -113,6 +78,21 @@ class ResultsCallback(L.Callback):
         self.path = path
         self.study = study
         self.run = run
+        self._weights_at: tuple[int | None, int] | None = None  # (epoch, step) of the checkpoint tested
+        self._epoch_lrs: dict[str, float] = {}  # the learning rates this epoch's last step trained with
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning restores a checkpoint after setup: a test that loads none measures the live weights.
+        self._weights_at = None
+        # The TaskModule contract: callbacks that add to test_results run their on_test_end before this one.
+        after = trainer.callbacks[trainer.callbacks.index(self) + 1:] if self in trainer.callbacks else []
+        late = [type(c).__name__ for c in after if getattr(c, "adds_test_results", False)]
+        if late:
+            raise ValueError(f"{', '.join(late)} must come before ResultsCallback in the trainer's callbacks, or "
+                             "its test results are written after the results rows")
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._weights_at = (checkpoint.get("epoch"), int(checkpoint.get("global_step", 0)))
 
     def results_path(self, trainer: L.Trainer) -> Path:
         return Path(self.path) if self.path else Path(trainer.default_root_dir) / RESULTS_FILE
@@ -120,20 +100,26 @@ class ResultsCallback(L.Callback):
     def run_name(self, trainer: L.Trainer) -> str:
         return self.run or Path(trainer.default_root_dir).resolve().name
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        # Read after the step, before Lightning steps an epoch-interval scheduler (which happens after the last
+        # batch and before on_train_epoch_end, so reading there gives the next epoch's rate). A per-step
+        # schedule (detection's warm-up) sets the rate before each step: this is the epoch's last step's.
+        if trainer.optimizers:
+            groups = trainer.optimizers[0].param_groups
+            self._epoch_lrs = {"lr": float(groups[0]["lr"])}
+            if len(groups) > 1:
+                self._epoch_lrs.update({f"lr/{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(groups)})
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        row: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
-        if trainer.optimizers:
-            row["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+        row: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step, **self._epoch_lrs}
         for name, value in sorted(trainer.callback_metrics.items()):
             number = _scalar(value)
-            if number is not None:
+            if number is not None and not name.startswith(LR_MONITOR_PREFIX):
                 row[name] = number if math.isfinite(number) else repr(number)
-        path = Path(trainer.default_root_dir) / METRICS_FILE
-        with locked(path):
-            existing = path.read_bytes() if path.exists() else b""
-            write_atomically(path, existing + (json.dumps(row) + "\n").encode())
+        append_epoch_metrics(Path(trainer.default_root_dir) / METRICS_FILE, row)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # A diverged run is a result too: the report shows it, and a study does not retry it.
@@ -149,7 +135,7 @@ class ResultsCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         results: dict[str, dict[str, float]] = getattr(pl_module, "test_results", {})
-        identity = run_identity(trainer, pl_module, self.study, self.run_name(trainer))
+        identity = run_identity(trainer, pl_module, self.study, self.run_name(trainer), self._weights_at)
         rows = []
         for split_name, metrics in results.items():
             split, corruption, severity = split_identity(split_name)
@@ -162,29 +148,26 @@ class ResultsCallback(L.Callback):
             save_predictions(Path(trainer.default_root_dir) / PREDICTIONS_FILE, predictions)
         accuracy = {name: m["accuracy"] for name, m in results.items()
                     if "accuracy" in m and split_identity(name)[0] == "test"}
+        # 'resnet20 lsq W4A4', 'resnet20 dorefa W4', 'resnet20 fp32': the spec's own label
+        described = f"{identity['model']} {applied_spec(pl_module.net).describe()}"
         if accuracy:
-            print_accuracy_table(accuracy, title=f"{identity['model']} {identity['method']} "
-                                 f"W{identity['weight_bits']}A{identity['act_bits']} test accuracy (%)")
+            print_accuracy_table(accuracy, title=f"{described} test accuracy (%)")
             log_wandb_table(trainer, results)
         map50 = {name: m["map50"] for name, m in results.items() if "map50" in m}
         if map50 and not accuracy:  # detection: the same table in mAP50, then P / mPC / rPC
-            print_accuracy_table(map50, title=f"{identity['model']} {identity['method']} "
-                                 f"W{identity['weight_bits']}A{identity['act_bits']} test mAP50 (%)")
+            print_accuracy_table(map50, title=f"{described} test mAP50 (%)")
             print_detection_summary(map50)
             log_wandb_table(trainer, results)
 
 
 def print_detection_summary(map50: dict[str, float]) -> None:
     """P (clean mAP50), mPC (mean over the 15 benchmark corruptions) and rPC = mPC / P, as Pascal-C reports."""
-    from datamodules.corruptions import BENCHMARK_CORRUPTIONS
-
-    benchmark = [v for name, v in map50.items() if name.partition("/")[0] in BENCHMARK_CORRUPTIONS]
-    parts = [f"P {map50[CLEAN]:.2f}"] if CLEAN in map50 else []
-    if benchmark:
-        mpc = sum(benchmark) / len(benchmark)
-        parts.append(f"mPC {mpc:.2f} ({len(benchmark)} splits)")
-        if map50.get(CLEAN):
-            parts.append(f"rPC {100 * mpc / map50[CLEAN]:.1f} %")
+    summary = detection_summary(map50)
+    parts = [f"P {summary['P']:.2f}"] if "P" in summary else []
+    if "mPC" in summary:
+        parts.append(f"mPC {summary['mPC']:.2f}")
+    if "rPC" in summary:
+        parts.append(f"rPC {summary['rPC']:.1f} %")
     if parts:
         print("detection robustness: " + ", ".join(parts))
 

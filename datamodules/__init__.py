@@ -3,10 +3,11 @@
 
 from datamodules.base import ArrayImageDataset, ImageClassificationDataModule
 from datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule
+from datamodules.detection import DetectionDataModule
 from datamodules.digits import DigitsDataModule
 from datamodules.errors import DataError
 from datamodules.synthetic_boxes import RectanglesDataModule
-from datamodules.voc import DetectionDataModule, VOCDataModule
+from datamodules.voc import VOCDataModule
 
 __all__ = [
     "ArrayImageDataset",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 
 import lightning as L
@@ -22,9 +23,10 @@ from datamodules.corruptions.splits import (
     CorruptedTest,
     CorruptionCache,
     OnTheFlyCorruption,
-    split_name,
 )
 from datamodules.errors import DataError
+from datamodules.subsets import classes_covered, stratified_indices
+from records.splits import CLEAN, split_name
 
 # Maps (uint8 NxHxWx3 images, their dataset indices) to images of the same shape: e.g. a corruption.
 BatchTransform = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -57,6 +59,23 @@ class ArrayImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.__getitems__([index])
         return images[0], labels[0]
+
+
+class _IndexMapped:
+    """A batch transform applied to a subset: the transform sees each image's index in the full set (a
+    corruption's per-image seed), not its position in the subset."""
+
+    def __init__(self, transform: BatchTransform, indices: np.ndarray) -> None:
+        self.transform, self.indices = transform, indices
+
+    def __call__(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        return self.transform(images, self.indices[indices])
+
+
+def subset_of(dataset: ArrayImageDataset, indices: np.ndarray) -> ArrayImageDataset:
+    """The images at `indices` (a memory-mapped cache is read for those only)."""
+    transform = _IndexMapped(dataset.transform, indices) if dataset.transform is not None else None
+    return ArrayImageDataset(np.asarray(dataset.images[indices]), dataset.labels[indices], transform)
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -171,6 +190,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         crop_padding: int = 4,
         augment: bool = True,
         corrupted_test: CorruptedTest = CorruptedTest(),  # noqa: B008 (frozen, safe to share)
+        test_subset: int | None = None,
+        val_subset: int | None = None,
     ) -> None:
         """
         Args:
@@ -184,6 +205,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
             corrupted_test: corrupted copies of the test set served after the clean one: by default all
                 19 corruptions x 5 severities of the cifar profile, generated on the fly; `corruptions: []`
                 serves the clean test set only.
+            test_subset: evaluate on this many test images, drawn class-stratified under split_seed, the same
+                images in the clean and in every corrupted split (null: the whole test set). Prefer it to
+                `limit_test_batches`, which takes the first batches of a set that may be ordered by class.
+            val_subset: the same for the validation split.
         """
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -200,6 +225,12 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.crop_padding = crop_padding
         self.augment = augment
         self.corrupted_test = corrupted_test
+        for name, value in (("test_subset", test_subset), ("val_subset", val_subset)):
+            if value is not None and value < 1:
+                raise DataError(f"data.init_args.{name} must be >= 1 images (or null for all), got {value}")
+        self.test_subset = test_subset
+        self.val_subset = val_subset
+        self._test_subset_indices: np.ndarray | None = None
         self.train_set: ArrayImageDataset | None = None
         self.val_set: ArrayImageDataset | None = None
         self.test_sets: dict[str, ArrayImageDataset] = {}
@@ -211,7 +242,30 @@ class ImageClassificationDataModule(L.LightningDataModule):
         if self.train_set is None:
             self._split()
         if stage in (None, "test") and len(self.test_sets) == 1:
-            self.test_sets.update(self._corrupted_test_sets())
+            corrupted = self._corrupted_test_sets()
+            if self._test_subset_indices is not None:  # the clean subset's images, corrupted
+                corrupted = {name: subset_of(ds, self._test_subset_indices) for name, ds in corrupted.items()}
+            self.test_sets.update(corrupted)
+        self._warn_if_limits_skip_classes()
+
+    def _warn_if_limits_skip_classes(self) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return
+        for option, dataset in (("limit_val_batches", self.val_set), ("limit_test_batches",
+                                                                       self.test_sets.get("clean"))):
+            limit = getattr(trainer, option, None)
+            if dataset is None or limit is None or isinstance(limit, bool) or limit == 0:
+                continue
+            batches = math.ceil(len(dataset) / self.eval_batch_size)
+            used = min(limit, batches) if isinstance(limit, int) else int(batches * limit)
+            covered = classes_covered(dataset.labels, used * self.eval_batch_size)
+            present = len(np.unique(dataset.labels))
+            if covered < present:
+                subset = "val_subset" if option == "limit_val_batches" else "test_subset"
+                warnings.warn(f"--trainer.{option} {limit} covers only {covered} of the {present} classes of "
+                              f"the {self.name} {subset.split('_')[0]} set (its first images); use "
+                              f"--data.init_args.{subset} <images> for a class-stratified subset", stacklevel=2)
 
     def _split(self) -> None:
         train_images, train_labels, test_images, test_labels = self.load()
@@ -223,11 +277,19 @@ class ImageClassificationDataModule(L.LightningDataModule):
         val_idx, train_idx = np.sort(order[: self.val_size]), np.sort(order[self.val_size :])
         self.train_set = ArrayImageDataset(train_images[train_idx], train_labels[train_idx])
         self.val_set = ArrayImageDataset(train_images[val_idx], train_labels[val_idx])
-        self.test_sets = {"clean": ArrayImageDataset(test_images, test_labels)}
+        if self.val_subset is not None:
+            self.val_set = subset_of(self.val_set, stratified_indices(self.val_set.labels, self.val_subset,
+                                                                      self.split_seed))
+        self._clean_test_set = ArrayImageDataset(test_images, test_labels)
+        self.test_sets = {CLEAN: self._clean_test_set}
+        if self.test_subset is not None:
+            self._test_subset_indices = stratified_indices(test_labels, self.test_subset, self.split_seed)
+            self.test_sets[CLEAN] = subset_of(self._clean_test_set, self._test_subset_indices)
 
     def _corrupted_test_sets(self) -> dict[str, ArrayImageDataset]:
         settings = self.corrupted_test
-        clean = self.test_sets["clean"]
+        # The whole clean set: corruption seeds, caches and the official release are indexed by it.
+        clean = getattr(self, "_clean_test_set", None) or self.test_sets[CLEAN]
         splits = settings.splits()
         if not splits:
             return {}
@@ -252,7 +314,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
     @property
     def test_split_names(self) -> list[str]:
         """Names of the test dataloaders, in dataloader_idx order."""
-        return list(self.test_sets) or ["clean"]
+        return list(self.test_sets) or [CLEAN]
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False,
                 sampler: Sampler | None = None) -> DataLoader:
@@ -274,7 +336,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return [self._loader(ds, self.eval_batch_size, shuffle=False) for ds in self.test_sets.values()]
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_sets["clean"], self.eval_batch_size, shuffle=False)
+        return self._loader(self.test_sets[CLEAN], self.eval_batch_size, shuffle=False)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 Nx3xHxW -> normalised float."""

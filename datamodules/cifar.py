@@ -10,13 +10,13 @@ Nothing is downloaded unless `download: true`.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from datamodules.array_cache import CacheWarning, load_array, save_array
 from datamodules.base import ImageClassificationDataModule
 from datamodules.errors import DataError
 
@@ -47,41 +47,40 @@ def load_image_folder(split_dir: Path, class_names: list[str]) -> tuple[np.ndarr
         paths += files
         labels += [label] * len(files)
     labels = np.asarray(labels, dtype=np.int64)
-    # Decoding 60k small JPEGs takes seconds; keep the decoded arrays next to the data, keyed by the file
-    # list, sizes and times, so a changed folder is decoded again and a stale cache is never read.
-    fingerprint = hashlib.sha1()
-    for path in paths:
-        stat = path.stat()
-        fingerprint.update(f"{path.relative_to(split_dir)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    cache = split_dir.parent / ".qreg-cache" / f"{split_dir.name}-{fingerprint.hexdigest()[:16]}.npy"
-    if cache.exists():
-        images = np.load(cache, mmap_mode="r")
-        if images.shape[0] == len(paths):
-            return np.ascontiguousarray(images), labels
+    # Decoding 60k small JPEGs takes tens of seconds; keep the decoded arrays next to the data, keyed by the
+    # content of every image file (not sizes and times: an image replaced by another of the same size with its
+    # time kept is decoded again), and checked against the digest of the array itself when loaded.
+    source = source_digest(split_dir, paths)
+    cache = split_dir.parent / ".qreg-cache" / f"{split_dir.name}-{source[:16]}.npy"
+    cached = load_array(cache, source, what="decoded-image cache", mmap=True)
+    if cached is not None and cached.shape[0] == len(paths):
+        return np.ascontiguousarray(cached), labels
     decoded = [_decode(p) for p in paths]
     shapes = {im.shape for im in decoded}
     if len(shapes) != 1:
         raise DataError(f"images under {split_dir} differ in size: {sorted(shapes)[:3]}")
     images = np.stack(decoded)
-    _save_quietly(cache, images)
+    _save_quietly(cache, images, source)
     return images, labels
 
 
-def _save_quietly(path: Path, array: np.ndarray) -> None:
-    """Write an .npy cache atomically; a read-only data folder just means no cache."""
-    tmp_name = None
+def source_digest(root: Path, paths: list[Path]) -> str:
+    """BLAKE2b over every file's name and bytes, in order."""
+    digest = hashlib.blake2b(digest_size=20)
+    for path in paths:
+        digest.update(f"{path.relative_to(root)}\0".encode())
+        digest.update(path.read_bytes())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _save_quietly(path: Path, array: np.ndarray, source: str) -> None:
+    """Write a cache atomically; a read-only (or full) data folder just means no cache."""
     try:
-        path.parent.mkdir(exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-            tmp_name = tmp.name
-            np.save(tmp, array)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except OSError:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+        save_array(path, array, source)
+    except OSError as error:
+        warnings.warn(f"cannot write the decoded-image cache {path} ({error.strerror}); continuing without it",
+                      CacheWarning, stacklevel=2)
 
 
 class _CIFARDataModule(ImageClassificationDataModule):

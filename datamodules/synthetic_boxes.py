@@ -13,8 +13,8 @@ from typing import Any, Literal
 import numpy as np
 
 from datamodules.corruptions.splits import CorruptedTest
+from datamodules.detection import Augmentation, DetectionDataModule, DetectionRecord
 from datamodules.errors import DataError
-from datamodules.voc import Augmentation, DetectionDataModule, DetectionRecord
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 70, 230)}
 

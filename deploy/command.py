@@ -64,7 +64,7 @@ def _class(class_path: str) -> type:
 def checkpoint_spec(ckpt_path: Path) -> QuantSpec | None:
     """The quantization spec a checkpoint carries, or None when it has none."""
     if not ckpt_path.is_file():
-        raise FileNotFoundError(f"no such checkpoint: {ckpt_path}")
+        raise ExportError(f"no such checkpoint: {ckpt_path}")
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     except Exception as error:  # a truncated or foreign file: pickle, zip and torch all raise their own

@@ -1,15 +1,14 @@
 """`ClassificationModule`: cross-entropy training of a named 32x32 model, with the paper's SGD recipe.
 
-Quantization is not configured here: `QuantizationCallback` swaps layers in `self.net` during `setup`, and this
-module re-applies the spec stored in a checkpoint (`on_load_checkpoint`), so `load_from_checkpoint` and
-`test --ckpt_path` rebuild the fake-quant layers before the weights load, with or without the callback.
+Quantization is not configured here: `QuantizationCallback` swaps layers in `self.net` during `setup`, and the
+`TaskModule` base re-applies the spec stored in a checkpoint (lightning_modules/task.py, with the contract the
+callbacks rely on).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,11 +19,12 @@ from lightning_modules.divergence import check_finite_loss
 from lightning_modules.evaluation import test_split_names
 from lightning_modules.models import build_model
 from lightning_modules.rng import RNG_KEY, restore_rng_states, rng_states
-from quantizers import CHECKPOINT_KEY, QuantSpec, parameter_groups, quantize_model
-from study.metrics import corruption_means
+from lightning_modules.task import TaskModule
+from quantizers import parameter_groups
+from records.measures import corruption_means
 
 
-class ClassificationModule(L.LightningModule):
+class ClassificationModule(TaskModule):
     """Image classifier with per-epoch train/val loss and accuracy, and per-split test metrics.
 
     Args:
@@ -61,8 +61,6 @@ class ClassificationModule(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = nn.ModuleList()
         self.test_loss = nn.ModuleList()
-        self.test_results: dict[str, dict[str, float]] = {}
-        self.test_predictions: dict[str, object] = {}  # split -> per-image correctness (bool numpy array)
         self._correct: list[list[torch.Tensor]] = []
         self._compiled = False
 
@@ -79,9 +77,7 @@ class ClassificationModule(L.LightningModule):
         checkpoint[RNG_KEY] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        spec = checkpoint.get(CHECKPOINT_KEY)
-        if spec is not None:
-            quantize_model(self.net, QuantSpec.from_dict(spec))
+        self.requantize(checkpoint)
         if RNG_KEY in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
             restore_rng_states(checkpoint[RNG_KEY])
 

@@ -20,15 +20,14 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 
-from datamodules.corruptions.engine import BENCHMARK_CORRUPTIONS
 from lightning_modules.divergence import check_finite_loss
 from lightning_modules.evaluation import test_split_names
+from lightning_modules.task import TaskModule
 from lightning_modules.yolo import (
     ModelEMA,
     build_yolo,
@@ -37,27 +36,14 @@ from lightning_modules.yolo import (
     non_max_suppression,
     to_original_coordinates,
 )
-from quantizers import CHECKPOINT_KEY, QuantSpec, parameter_groups, quantize_model
-from study.metrics import CLEAN, corruption_means
+from quantizers import parameter_groups, quantize_model
+from records.measures import corruption_means, detection_summary
 
 _EMA_PREFIX = "ema_net."
 _NET_PREFIX = "net."
 
 
-def detection_summary(map50_by_split: dict[str, float]) -> dict[str, float]:
-    """P (clean mAP50), mPC (mean over the 15 benchmark corruptions' splits) and rPC = 100 * mPC / P."""
-    summary = {}
-    if CLEAN in map50_by_split:
-        summary["P"] = map50_by_split[CLEAN]
-    benchmark = [v for name, v in map50_by_split.items() if name.partition("/")[0] in BENCHMARK_CORRUPTIONS]
-    if benchmark:
-        summary["mPC"] = sum(benchmark) / len(benchmark)
-        if summary.get("P"):
-            summary["rPC"] = 100.0 * summary["mPC"] / summary["P"]
-    return summary
-
-
-class DetectionModule(L.LightningModule):
+class DetectionModule(TaskModule):
     """Object detector with per-epoch train/val loss, val mAP50, and per-split test mAP50 / mAP50-95.
 
     Args:
@@ -128,7 +114,6 @@ class DetectionModule(L.LightningModule):
         self.val_map = self._new_map()
         self.test_map = self._new_map()
         self._test_split: int | None = None
-        self.test_results: dict[str, dict[str, float]] = {}
 
     # ------------------------------------------------------------------------------------------ building
 
@@ -175,10 +160,8 @@ class DetectionModule(L.LightningModule):
             self._create_ema()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        spec = checkpoint.get(CHECKPOINT_KEY)
+        spec = self.requantize(checkpoint)  # the net only: the EMA copy is rebuilt below
         if spec is not None:
-            spec = QuantSpec.from_dict(spec)
-            quantize_model(self.net, spec)
             check_quantization_policy(self.net)
         state = checkpoint.get("state_dict", {})
         if not self.hparams.ema:
@@ -312,6 +295,8 @@ class DetectionModule(L.LightningModule):
         return raw, predictions, targets
 
     def validation_step(self, batch, batch_idx: int) -> None:
+        if not len(batch["index"]):  # every image of the batch was skipped (on_bad_image: skip)
+            return
         raw, predictions, targets = self._predict(batch)
         # The paper's Figure 1 curve: the validation objective, computed in eval mode (BatchNorm running
         # statistics, EMA weights), on the same scale as train/loss.
@@ -339,6 +324,8 @@ class DetectionModule(L.LightningModule):
         if self._test_split is not None and dataloader_idx != self._test_split:
             self._finish_test_split()
         self._test_split = dataloader_idx
+        if not len(batch["index"]):  # every image of the batch was skipped (on_bad_image: skip)
+            return
         _, predictions, targets = self._predict(batch)
         self.test_map.update(predictions, targets)
 
@@ -365,5 +352,7 @@ class DetectionModule(L.LightningModule):
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, torch.Tensor]]:
         """Detections per image: boxes (x1, y1, x2, y2 in native pixels), scores and labels."""
+        if not len(batch["index"]):
+            return []
         _, predictions, _ = self._predict(batch)
         return predictions

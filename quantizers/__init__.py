@@ -1,4 +1,5 @@
-"""Fake-quantization for QAT studies: LSQ, PACT, DoReFa, the spec that picks them, and the module swap.
+"""Fake-quantization for QAT studies: LSQ, PACT, DoReFa, the method registry and the spec that pick them, and
+the module swap.
 
 Nothing here imports Lightning: the quantizers work in any PyTorch training loop.
 """
@@ -7,7 +8,17 @@ from quantizers.dorefa import DoReFaActQuantizer, DoReFaWeightQuantizer
 from quantizers.errors import QuantSpecError
 from quantizers.layers import QuantConv2d, QuantLinear
 from quantizers.lsq import LSQQuantizer
-from quantizers.noise import GaussianWeightNoise, weight_noise_statistics
+from quantizers.methods import (
+    FLOAT_BITS,
+    REGISTRY,
+    Method,
+    method_colour,
+    method_label,
+    precision_label,
+    register,
+    weight_noise_statistics,
+)
+from quantizers.noise import GaussianWeightNoise
 from quantizers.pact import PACTQuantizer
 from quantizers.spec import CHECKPOINT_KEY, METHODS, QuantSpec
 from quantizers.swap import (
@@ -22,22 +33,29 @@ from quantizers.swap import (
 
 __all__ = [
     "CHECKPOINT_KEY",
+    "FLOAT_BITS",
     "METHODS",
+    "REGISTRY",
     "DoReFaActQuantizer",
     "DoReFaWeightQuantizer",
     "GaussianWeightNoise",
     "LSQQuantizer",
+    "Method",
     "PACTQuantizer",
     "QuantConv2d",
     "QuantLinear",
     "QuantSpec",
     "QuantSpecError",
     "applied_spec",
+    "method_colour",
+    "method_label",
     "parameter_groups",
     "plan_layers",
+    "precision_label",
     "quantize_model",
     "quantized_layers",
     "quantizer_state",
+    "register",
     "weight_noise_statistics",
     "weight_quantization_noise",
 ]

@@ -1,11 +1,11 @@
 """Quantization noise, measured, and the matched-noise control that imitates it.
 
 The paper models weight quantization as additive noise `Q(w) = w + delta` whose size shrinks with precision.
-This module measures that noise per layer (`weight_noise_statistics`) and provides the control experiment
-the paper lacks: `GaussianWeightNoise`, full-precision training with additive Gaussian weight noise whose
-per-layer variance matches b-bit quantization noise, resampled every step and absent at evaluation. If a
-b-bit quantized model generalizes like its matched-noise twin, the regularization is the noise; if not,
-something else about quantization (clipping, the grid, activation quantization) matters.
+Each method's noise is measured by `quantizers.methods.weight_noise_statistics`; this module provides the
+control experiment the paper lacks: `GaussianWeightNoise`, full-precision training with additive Gaussian
+weight noise whose per-layer variance matches b-bit quantization noise, resampled every step and absent at
+evaluation. If a b-bit quantized model generalizes like its matched-noise twin, the regularization is the
+noise; if not, something else about quantization (clipping, the grid, activation quantization) matters.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import math
 import torch
 from torch import nn
 
-from quantizers.dorefa import DoReFaWeightQuantizer
 from quantizers.errors import QuantSpecError
-from quantizers.lsq import LSQQuantizer, lsq_grid
+from quantizers.lsq import lsq_grid
 
 
 def lsq_init_step(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -63,26 +62,3 @@ class GaussianWeightNoise(nn.Module):
         variance = self.target_variance(weight)
         self.last_variance = variance  # a tensor: no host sync in the training step
         return weight + torch.randn_like(weight) * variance.sqrt()
-
-
-@torch.no_grad()
-def weight_noise_statistics(weight: torch.Tensor, quantizer: nn.Module) -> tuple[float, float]:
-    """(variance of the weight quantization noise delta, the uniform-noise prediction Delta^2 / 12).
-
-    delta is Q(w) minus what the straight-through estimator treats as the identity: w itself for LSQ, the
-    unrounded DoReFa transform tanh(w) / max|tanh(w)| for DoReFa (whose output lives in [-1, 1], not on w's
-    scale), and the injected Gaussian for the matched-noise control. Delta is the grid step in that domain.
-    """
-    if isinstance(quantizer, LSQQuantizer):
-        delta = quantizer(weight) - weight
-        step_squared = quantizer.step.detach().clamp_min(1e-12).pow(2).mean()
-    elif isinstance(quantizer, DoReFaWeightQuantizer):
-        unrounded, rounded = quantizer.unrounded_and_rounded(weight)
-        delta = rounded - unrounded
-        step_squared = torch.tensor((2.0 / (2**quantizer.bits - 1)) ** 2)
-    elif isinstance(quantizer, GaussianWeightNoise):
-        error, step = lsq_quantization_error(weight, quantizer.bits)
-        return float(error.pow(2).mean()), float(step.pow(2) / 12)
-    else:
-        raise QuantSpecError(f"no noise model for {type(quantizer).__name__}")
-    return float(delta.var(unbiased=False)), float(step_squared / 12)

@@ -1,7 +1,7 @@
 """`QuantSpec`: everything that decides how a run is quantized, validated when it is built.
 
 A spec is plain data so it can live in a YAML config, a checkpoint and a results row. Every choice that
-libraries disagree on (reference/quantization.md, "Choices every run must record") is a field here, with the
+libraries disagree on (README, "The choices libraries disagree on") is a field here, with the
 default the LSQ and PACT papers use.
 """
 
@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from quantizers.errors import QuantSpecError
+from quantizers.methods import FLOAT_BITS, REGISTRY, precision_label
 
-METHODS = ("fp32", "lsq", "pact_dorefa", "dorefa", "noise")
-Method = Literal["fp32", "lsq", "pact_dorefa", "dorefa", "noise"]
+# The methods registered when the package loads (quantizers.methods); a method registered later is accepted too.
+METHODS = tuple(REGISTRY)
 MIN_BITS, MAX_BITS = 2, 8
 # Where a checkpoint carries the spec its model was quantized with.
 CHECKPOINT_KEY = "quantization"
@@ -55,7 +56,7 @@ class QuantSpec:
         layer_bits: module-name pattern -> bits (null = float) overriding the rules above.
     """
 
-    method: Method = "fp32"
+    method: str = "fp32"
     weight_bits: int = 8
     act_bits: int | None = None
     first_layer_bits: int | None = 8
@@ -69,9 +70,9 @@ class QuantSpec:
     layer_bits: dict[str, int | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        if self.method not in REGISTRY:
             raise QuantSpecError(
-                f"unknown quantization method {self.method!r}; choose one of: {', '.join(METHODS)}"
+                f"unknown quantization method {self.method!r}; choose one of: {', '.join(REGISTRY)}"
             )
         _check_bits(self.weight_bits, "weight_bits")
         _check_bits(self.act_bits, "act_bits", allow_none=True)
@@ -85,21 +86,21 @@ class QuantSpec:
                 raise QuantSpecError(f"quantization.{name} must be a number >= 0, got {value!r}")
         if not isinstance(self.pact_alpha, int | float) or not self.pact_alpha > 0:
             raise QuantSpecError(f"quantization.pact_alpha must be > 0, got {self.pact_alpha!r}")
-        if self.method == "pact_dorefa" and self.act_signed:
+        if self.act_signed and not REGISTRY[self.method].signed_inputs:
             raise QuantSpecError(
-                "PACT clips activations at 0 and cannot be signed; use method lsq with act_signed, "
-                "or dorefa (weights only)"
+                f"method {self.method}'s activation grid clips activations at 0 and cannot be signed; use method lsq "
+                "with act_signed, or dorefa (weights only)"
             )
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "layer_bits", dict(self.layer_bits))
 
     @property
     def quantized(self) -> bool:
-        return self.method != "fp32"
+        return REGISTRY[self.method].quantized
 
     @property
     def quantizes_activations(self) -> bool:
-        return self.method in ("lsq", "pact_dorefa")
+        return REGISTRY[self.method].quantizes_activations
 
     @property
     def effective_act_bits(self) -> int | None:
@@ -108,12 +109,16 @@ class QuantSpec:
             return None
         return self.weight_bits if self.act_bits is None else self.act_bits
 
+    @property
+    def recorded_bits(self) -> tuple[int, int]:
+        """(weight bits, activation bits) of the body layers as a results row records them, 32 for float."""
+        return (self.weight_bits if self.quantized else FLOAT_BITS), (self.effective_act_bits or FLOAT_BITS)
+
     def describe(self) -> str:
-        """Short human label, e.g. 'lsq W4A4', 'dorefa W2' or 'noise W4' (noise matched to 4 bits)."""
+        """Short human label, e.g. 'lsq W4A4', 'dorefa W2' or 'noise W4' (noise matched to 4 bits); 'fp32'."""
         if not self.quantized:
-            return "fp32"
-        act = self.effective_act_bits
-        return f"{self.method} W{self.weight_bits}" + (f"A{act}" if act is not None else "")
+            return self.method
+        return f"{self.method} {precision_label(self.method, *self.recorded_bits)}"
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -13,12 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantizers.dorefa import DoReFaWeightQuantizer
 from quantizers.errors import QuantSpecError
 from quantizers.layers import QUANTIZED_LAYERS, QuantConv2d, QuantLinear
-from quantizers.lsq import LSQQuantizer
-from quantizers.noise import GaussianWeightNoise, weight_noise_statistics
-from quantizers.pact import PACTQuantizer
+from quantizers.methods import LEARNED_PARAMETERS, method, weight_noise_statistics
 from quantizers.spec import QuantSpec
 
 _SPEC_ATTRIBUTE = "_qreg_quant_spec"
@@ -79,28 +76,17 @@ def plan_layers(model: nn.Module, spec: QuantSpec) -> list[LayerPlan]:
 
 
 def _weight_quantizer(layer: nn.Module, plan: LayerPlan, spec: QuantSpec) -> nn.Module | None:
-    if plan.weight_bits is None:
+    build = method(spec.method).weight
+    if plan.weight_bits is None or build is None:
         return None
-    if spec.method == "noise":
-        return GaussianWeightNoise(plan.weight_bits)
-    if spec.method == "lsq":
-        channels = layer.weight.shape[0] if spec.per_channel else None
-        quantizer = LSQQuantizer(plan.weight_bits, signed=True, num_channels=channels)
-        quantizer.to(layer.weight.device)
-        quantizer.initialize_from(layer.weight.detach())
-        return quantizer
-    # DoReFa weights lie in [-1, 1]: the last layer has no BatchNorm after it to absorb that, so it keeps
-    # its float scale (see DoReFaWeightQuantizer.rescale).
-    return DoReFaWeightQuantizer(plan.weight_bits, per_channel=spec.per_channel, rescale=plan.is_last)
+    return build(layer.weight, plan.weight_bits, spec, plan.is_last)
 
 
 def _input_quantizer(plan: LayerPlan, spec: QuantSpec, device: torch.device) -> nn.Module | None:
-    if plan.act_bits is None:
+    build = method(spec.method).input
+    if plan.act_bits is None or build is None:
         return None
-    if spec.method == "lsq":
-        quantizer = LSQQuantizer(plan.act_bits, signed=spec.act_signed, activation=True)
-    else:
-        quantizer = PACTQuantizer(plan.act_bits, alpha=spec.pact_alpha)
+    quantizer = build(plan.act_bits, spec)
     quantizer.layer_name = plan.name
     quantizer.expect_non_negative = not spec.act_signed
     return quantizer.to(device)
@@ -136,40 +122,47 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)}
 
 
+def _learned(module: nn.Module):
+    """The registry's entry for a quantizer with a learned parameter (quantizers.methods.LEARNED_PARAMETERS)."""
+    return next((entry for cls, entry in LEARNED_PARAMETERS.items() if isinstance(module, cls)), None)
+
+
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Optimizer groups: network parameters, LSQ steps and PACT alphas, each with its own weight decay.
+    """Optimizer groups: network parameters, then each kind of learned quantizer parameter (LSQ steps, PACT
+    alphas) in a group of its own with the weight decay its spec field gives.
 
     Quantizer parameters must exist before the optimizer is built, or they never train.
     """
     spec = applied_spec(model)
-    steps = [m.step for m in model.modules() if isinstance(m, LSQQuantizer)]
-    alphas = [m.alpha for m in model.modules() if isinstance(m, PACTQuantizer)]
-    special = {id(p) for p in steps + alphas}
+    learned: dict[str, tuple[float, list[nn.Parameter]]] = {}
+    for module in model.modules():
+        entry = _learned(module)
+        if entry is not None:
+            decay = getattr(spec, entry.decay_field)
+            learned.setdefault(entry.group, (decay, []))[1].append(getattr(module, entry.attribute))
+    special = {id(p) for _, params in learned.values() for p in params}
     groups = [{"params": [p for p in model.parameters() if id(p) not in special], "weight_decay": weight_decay}]
-    if steps:
-        groups.append({"params": steps, "weight_decay": spec.quantizer_weight_decay, "name": "lsq_steps"})
-    if alphas:
-        groups.append({"params": alphas, "weight_decay": spec.pact_alpha_decay, "name": "pact_alphas"})
+    for name, (decay, params) in learned.items():
+        groups.append({"params": params, "weight_decay": decay, "name": name})
     return groups
 
 
 @torch.no_grad()
 def quantizer_state(model: nn.Module) -> dict[str, float]:
-    """Learned quantizer parameters by name: LSQ steps (mean over channels) and PACT alphas."""
+    """Learned quantizer parameters by name, e.g. `<layer>.weight_quantizer.step` (mean over channels)."""
     state = {}
     for name, layer in quantized_layers(model).items():
         for role in ("weight_quantizer", "input_quantizer"):
             quantizer = getattr(layer, role)
-            if isinstance(quantizer, LSQQuantizer):
-                state[f"{name}.{role}.step"] = quantizer.step.mean().item()
-            elif isinstance(quantizer, PACTQuantizer):
-                state[f"{name}.{role}.alpha"] = quantizer.alpha.item()
+            entry = _learned(quantizer)
+            if entry is not None:
+                state[f"{name}.{role}.{entry.attribute}"] = getattr(quantizer, entry.attribute).mean().item()
     return state
 
 
 @torch.no_grad()
 def weight_quantization_noise(model: nn.Module) -> dict[str, tuple[float, float]]:
-    """Per layer, (variance of the weight quantization noise, its uniform-noise prediction Delta^2 / 12)."""
+    """Per layer, (mean square of the weight quantization noise, its uniform-noise prediction Delta^2 / 12)."""
     return {
         name: weight_noise_statistics(layer.weight, layer.weight_quantizer)
         for name, layer in quantized_layers(model).items()

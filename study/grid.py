@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantizers import METHODS, QuantSpec, QuantSpecError
+from quantizers import REGISTRY, QuantSpec, QuantSpecError, precision_label
 
 
 class StudyError(ValueError):
@@ -44,11 +44,11 @@ class Cell:
 
     @property
     def name(self) -> str:
-        if self.method == "fp32":
-            return f"fp32-seed{self.seed}"
-        act = self.act_bits if self.act_bits is not None else self.weight_bits
-        precision = f"w{self.weight_bits}" + (f"a{act}" if self.method in ("lsq", "pact_dorefa") else "")
-        return f"{self.method}-{precision}-seed{self.seed}"
+        """'fp32-seed0', 'lsq-w4a4-seed0', 'dorefa-w4-seed0': the method and its precision label."""
+        if self.weight_bits is None:
+            return f"{self.method}-seed{self.seed}"
+        spec = QuantSpec(method=self.method, weight_bits=self.weight_bits, act_bits=self.act_bits)
+        return f"{self.method}-{precision_label(self.method, *spec.recorded_bits).lower()}-seed{self.seed}"
 
     def quantization_args(self) -> list[str]:
         args = ["--quantization.method", self.method]
@@ -89,11 +89,11 @@ class StudyConfig:
             raise StudyError(f"study {self.name!r} has no seeds: give at least one under seeds")
         cells: list[Cell] = []
         for entry in self.methods:
-            if entry.method not in METHODS:
-                raise StudyError(f"unknown method {entry.method!r} in the grid; choose one of: {', '.join(METHODS)}")
-            if entry.method == "fp32":
+            if entry.method not in REGISTRY:
+                raise StudyError(f"unknown method {entry.method!r} in the grid; choose one of: {', '.join(REGISTRY)}")
+            if not REGISTRY[entry.method].quantized:
                 if entry.bits:
-                    raise StudyError("fp32 takes no bits in the grid")
+                    raise StudyError(f"{entry.method} takes no bits in the grid")
                 precisions = [(None, None)]
             else:
                 if not entry.bits:

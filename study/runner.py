@@ -7,7 +7,12 @@ What makes it resumable and safe to kill:
 - each cell runs under an exclusive lock on its folder, so two runners (or job-array tasks) never train
   the same cell at once, and the cell's process dies with the runner (Linux parent-death signal) instead
   of training on, orphaned;
-- a diverged cell (exit status 3, a `diverged` row) is recorded and the study goes on.
+- a diverged cell (exit status 3, a `diverged` row) is recorded and the study goes on;
+- SIGTERM, SIGINT or SIGUSR1 sent to the runner reaches the running cell (which saves its checkpoint) and
+  stops the study once the cell has exited: the cell is "interrupted", not "failed", no further cell starts,
+  and the study ends with the cell's status (143 / 130) and resumes that cell on the next run;
+- a cell whose `last.ckpt` cannot be loaded resumes from its newest loadable checkpoint instead
+  (`best-*.ckpt`, Lightning's `hpc_ckpt_*.ckpt`), or from scratch, and says which.
 """
 
 from __future__ import annotations
@@ -23,20 +28,24 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from records.exits import EXIT_DIVERGED, EXIT_USER_ERROR
+from records.store import RESULTS_FILE, read_rows
 from study.grid import Cell, StudyConfig, StudyError
-from study.store import RESULTS_FILE, read_rows
 
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
-EXIT_DIVERGED = 3
 FINAL_METRICS = ("accuracy", "map50")  # a cell whose clean test row exists is finished
+INTERRUPTED_STATUSES = (130, 143)  # what `cli.py fit` ends with after Ctrl-C / SIGTERM, having saved last.ckpt
 
 
 @dataclass
 class Outcome:
     cell: Cell
-    status: str  # finished | diverged | failed | skipped (done before) | busy (running elsewhere)
+    # finished | diverged | failed | interrupted (a signal; resumes next run) | skipped (done before)
+    # | busy (running elsewhere)
+    status: str
     seconds: float = 0.0
     detail: str = ""
+    exit_status: int = 0  # for an interrupted cell: 143 (SIGTERM), 130 (SIGINT), ...
 
 
 def cell_status(rows: list[dict], cell: Cell) -> str | None:
@@ -73,24 +82,79 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest of `checkpoints/last.ckpt` and Lightning's SLURM `hpc_ckpt_*.ckpt` in a cell folder."""
-    candidates = [folder / "checkpoints" / "last.ckpt", *folder.glob("hpc_ckpt_*.ckpt")]
+def checkpoint_candidates(folder: Path) -> list[Path]:
+    """A cell's checkpoints, newest first: `last.ckpt`, Lightning's SLURM `hpc_ckpt_*.ckpt`, `best-*.ckpt`."""
+    checkpoints = folder / "checkpoints"
+    candidates = [checkpoints / "last.ckpt", *folder.glob("hpc_ckpt_*.ckpt"), *checkpoints.glob("best-*.ckpt")]
     existing = [p for p in candidates if p.is_file()]
-    return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
+    return sorted(existing, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def run_forwarding_signals(command: list[str], env: dict[str, str]) -> int:
-    """Run a cell; SIGTERM/SIGINT/SIGUSR1 sent to the runner reach the cell (Lightning saves and, under
-    SLURM, requeues on SIGUSR1)."""
-    process = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
-    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-    previous = {sig: signal.signal(sig, lambda number, _frame: process.send_signal(number)) for sig in forwarded}
-    try:
-        return process.wait()
-    finally:
-        for sig, handler in previous.items():
+def resume_checkpoint(folder: Path) -> tuple[Path | None, str]:
+    """The checkpoint a cell resumes from: the newest that loads as a qreg checkpoint, and a note saying so
+    when that is not the newest file (a damaged `last.ckpt`, e.g. a node crash mid-write), or when none loads
+    and the cell restarts from scratch. A damaged file is renamed `<name>.damaged` (kept for inspection, and
+    never resumed from or evaluated by mistake again)."""
+    from callbacks.checkpoint_io import checkpoint_problem
+
+    damaged: list[str] = []
+    for path in checkpoint_candidates(folder):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            note = f"{', '.join(damaged)} did not load; resuming from {path.name}" if damaged else ""
+            return path, note
+        damaged.append(path.name)
+        path.replace(path.with_name(path.name + ".damaged"))
+    note = f"{', '.join(damaged)} did not load (renamed *.damaged); restarting the cell from scratch" if damaged else ""
+    return None, note
+
+
+# The exit status a shell reports for a process ended by each signal the runner forwards.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def signal_status(number: int) -> int:
+    return 128 + int(number)
+
+
+class SignalForwarder:
+    """While active, SIGTERM/SIGINT/SIGUSR1 sent to the runner are recorded and passed to the running cell
+    (Lightning saves `last.ckpt`, and under SLURM requeues on SIGUSR1); the runner itself keeps going until
+    the cell has exited, then stops the study."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, number: int, _frame) -> None:
+        if self.received is None:
+            self.received = number
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(number)
+
+    def __enter__(self) -> SignalForwarder:
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in FORWARDED_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def run(self, command: list[str], env: dict[str, str]) -> int:
+        """Run a cell in its own process group (a Ctrl-C at the terminal reaches it once, forwarded, not
+        twice); returns its exit status, 128 + N for a cell a signal N ended."""
+        self.process = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent, process_group=0)
+        try:
+            while True:
+                try:
+                    code = self.process.wait()
+                    break
+                except InterruptedError:  # pragma: no cover - wait() retries on EINTR itself
+                    continue
+        finally:
+            self.process = None
+        return signal_status(-code) if code < 0 else code
 
 
 class StudyRunner:
@@ -99,6 +163,7 @@ class StudyRunner:
         self.cells = study.cells()
         self.directory = study.directory()
         root = study_file.parent if study_file is not None else Path.cwd()
+        self.stopped_by: int | None = None
         self.bases = [str(p if Path(p).is_absolute() else (root / p).resolve()) for p in study.base]
         missing = [p for p in self.bases if not Path(p).is_file()]
         if missing:
@@ -114,7 +179,7 @@ class StudyRunner:
     def rows(self) -> list[dict]:
         return read_rows(self.store) if self.store.exists() else []
 
-    def command(self, cell: Cell) -> list[str]:
+    def command(self, cell: Cell, resume: Path | None = None) -> list[str]:
         folder = self.cell_directory(cell)
         command = [sys.executable, str(CLI), "fit"]
         for base in self.bases:
@@ -131,12 +196,11 @@ class StudyRunner:
             "--data.init_args.corrupted_test.cache_dir", str(self.directory / "corruptions"),
             "--data.init_args.corrupted_test.workers", str(self.study.corruption_workers),
         ]
-        resume = latest_checkpoint(folder)
         if resume is not None:
             command += ["--ckpt_path", str(resume)]
         return command
 
-    def run_cell(self, cell: Cell, number: int) -> Outcome:
+    def run_cell(self, cell: Cell, number: int, forwarder: SignalForwarder) -> Outcome:
         status = cell_status(self.rows(), cell)
         if status is not None:
             return Outcome(cell, "skipped", detail=status)
@@ -146,29 +210,62 @@ class StudyRunner:
             status = cell_status(self.rows(), cell)  # it may have finished while we waited for the lock
             if status is not None:
                 return Outcome(cell, "skipped", detail=status)
-            resumed = " (resuming from its checkpoint)" if latest_checkpoint(self.cell_directory(cell)) else ""
-            print(f"\n=== study {self.study.name}: cell {number}/{len(self.cells)} {cell.name}{resumed}", flush=True)
+            resume, note = resume_checkpoint(self.cell_directory(cell))
+            resumed = f" (resuming from its checkpoint {resume.name})" if resume is not None else ""
+            started = time.strftime("%Y-%m-%d %H:%M:%S")
+            print(f"\n=== study {self.study.name}: cell {number}/{len(self.cells)} {cell.name}{resumed}, "
+                  f"started {started}", flush=True)
+            if note:
+                print(f"=== cell {cell.name}: {note}", flush=True)
             start = time.perf_counter()
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            code = run_forwarding_signals(self.command(cell), env)
+            code = forwarder.run(self.command(cell, resume), env)
             seconds = time.perf_counter() - start
+        print(f"=== cell {cell.name} ended {time.strftime('%Y-%m-%d %H:%M:%S')} (exit status {code}) after "
+              f"{seconds / 60:.1f} min", flush=True)
         if code == EXIT_DIVERGED:
             return Outcome(cell, "diverged", seconds)
+        if (forwarder.received is not None and code != 0) or code in INTERRUPTED_STATUSES:
+            sent = signal.Signals(forwarder.received).name if forwarder.received is not None else "a signal"
+            status = code if code in INTERRUPTED_STATUSES else signal_status(forwarder.received or signal.SIGTERM)
+            return Outcome(cell, "interrupted", seconds, detail=f"stopped by {sent}; resumes from its checkpoint",
+                           exit_status=status)
         if code != 0:
-            if code == 2:
-                raise StudyError(f"cell {cell.name} was refused (exit status 2): fix the study's config or args")
+            if code == EXIT_USER_ERROR:
+                raise StudyError(f"cell {cell.name} was refused (exit status {code}): fix the study's config or args")
             return Outcome(cell, "failed", seconds, detail=f"exit status {code}")
         if cell_status(self.rows(), cell) is None:
             return Outcome(cell, "failed", seconds, detail="it wrote no test results")
         return Outcome(cell, "finished", seconds)
 
     def run(self, only: int | None = None) -> list[Outcome]:
-        """Run every unfinished cell (or only cell number `only`, 0-based, for a job-array task)."""
+        """Run every unfinished cell (or only cell number `only`, 0-based, for a job-array task), until a
+        signal stops the study: `self.stopped_by` is then the signal's number."""
         self.directory.mkdir(parents=True, exist_ok=True)
         if only is not None and not 0 <= only < len(self.cells):
             raise StudyError(f"--cell {only} is out of range: the grid has cells 0..{len(self.cells) - 1}")
         chosen = list(enumerate(self.cells)) if only is None else [(only, self.cells[only])]
-        return [self.run_cell(cell, index + 1) for index, cell in chosen]
+        outcomes: list[Outcome] = []
+        with SignalForwarder() as forwarder:
+            for index, cell in chosen:
+                if forwarder.received is not None:
+                    break  # a signal between two cells: start no other
+                outcomes.append(self.run_cell(cell, index + 1, forwarder))
+                if outcomes[-1].status == "interrupted":
+                    break
+        self.stopped_by = forwarder.received
+        return outcomes
+
+
+def interruption(outcomes: list[Outcome], stopped_by: int | None) -> tuple[int, str] | None:
+    """(exit status, what happened) when a signal stopped the study, else None."""
+    cut = next((o for o in outcomes if o.status == "interrupted"), None)
+    if cut is not None:
+        return cut.exit_status, f"cell {cut.cell.name} was interrupted ({cut.detail})"
+    if stopped_by is not None:
+        name = signal.Signals(stopped_by).name
+        return signal_status(stopped_by), f"stopped by {name} between cells"
+    return None
 
 
 def print_outcomes(outcomes: list[Outcome]) -> None:

@@ -6,10 +6,18 @@ import shlex
 import sys
 from pathlib import Path
 
-from study.grid import StudyConfig
-from study.store import write_atomically
+from records.store import write_atomically
+from study.grid import StudyConfig, StudyError
 
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
+
+
+def sbatch_value(text: str) -> str:
+    """An #SBATCH option value in double quotes (sbatch strips them), so a path or name with spaces stays one
+    value; characters sbatch cannot quote there are refused."""
+    if any(c in text for c in '"\n\r'):
+        raise StudyError(f"{text!r} cannot be written into an #SBATCH line (it holds a quote or a line break)")
+    return f'"{text}"'
 
 
 def write_slurm_scripts(
@@ -26,12 +34,13 @@ def write_slurm_scripts(
     python = python or sys.executable
     study_command = [python, str(CLI), "study", "--config", str(study_file.resolve()),
                      "--output_dir", str(directory)]
-    header = ["#!/bin/bash", f"#SBATCH --job-name=qreg-{study.name}", *(f"#SBATCH {o}" for o in sbatch_options)]
+    header = ["#!/bin/bash", f"#SBATCH --job-name={sbatch_value(f'qreg-{study.name}')}",
+              *(f"#SBATCH {o}" for o in sbatch_options)]
     listing = "\n".join(f"#   {i}: {cell.name} -> {directory / 'cells' / cell.name}" for i, cell in enumerate(cells))
     cells_script = "\n".join([
         *header,
         f"#SBATCH --array=0-{len(cells) - 1}",
-        f"#SBATCH --output={folder}/cell-%a-%A.out",
+        f"#SBATCH --output={sbatch_value(f'{folder}/cell-%a-%A.out')}",
         "#SBATCH --signal=SIGUSR1@90",
         "#SBATCH --requeue",
         f"# {len(cells)} cells, one per array task:",
@@ -43,7 +52,7 @@ def write_slurm_scripts(
     ])
     report_script = "\n".join([
         *header,
-        f"#SBATCH --output={folder}/report-%j.out",
+        f"#SBATCH --output={sbatch_value(f'{folder}/report-%j.out')}",
         "set -euo pipefail",
         f"cd {shlex.quote(str(Path.cwd().resolve()))}",
         "srun " + shlex.join([python, str(CLI), "report", str(directory)]),

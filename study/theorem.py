@@ -1,4 +1,4 @@
-"""`cli.py theorem`: Theorem 3.1 measured on trained FP32 runs (see study/mechanism.py for the estimators)."""
+"""`cli.py theorem`: Theorem 3.1 measured on trained FP32 runs (see records/mechanism.py for the estimators)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from study.grid import StudyError
-from study.mechanism import (
+from records.mechanism import (
     gradient_norm_term,
     hessian_trace,
     noise_loss_increase,
     quantization_noise_variances,
 )
-from study.store import RESULTS_FILE, append_rows
+from records.store import RESULTS_FILE, append_rows
+from study.grid import StudyError
 
 
 def load_run(run_dir: Path):
@@ -23,16 +23,19 @@ def load_run(run_dir: Path):
     from jsonargparse import ArgumentParser
     from lightning import LightningDataModule
 
+    from callbacks.checkpoint_io import read_checkpoint
     from lightning_modules import ClassificationModule
 
     config_file, checkpoint = run_dir / "config.yaml", run_dir / "checkpoints" / "last.ckpt"
     if not config_file.is_file() or not checkpoint.is_file():
         raise StudyError(f"{run_dir} is not a finished run: it needs config.yaml and checkpoints/last.ckpt")
+    position = read_checkpoint(checkpoint)  # a damaged or foreign file: one line naming it
     config = yaml.safe_load(config_file.read_text())
     parser = ArgumentParser()
     parser.add_subclass_arguments(LightningDataModule, "data")
     datamodule = parser.instantiate_classes(parser.parse_object({"data": config["data"]})).data
     module = ClassificationModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    config["weights_at"] = {"epoch": position.get("epoch"), "step": position.get("global_step")}
     return module, datamodule, config
 
 
@@ -50,7 +53,7 @@ def check_runs(path: Path, bits_levels: list[int], images: int, samples: int, he
     from rich.table import Table
 
     from callbacks.flatness import training_batches
-    from quantizers import applied_spec
+    from quantizers import FLOAT_BITS, applied_spec
 
     for run_dir in fp32_runs(path):
         module, datamodule, config = load_run(run_dir)
@@ -81,8 +84,8 @@ def check_runs(path: Path, bits_levels: list[int], images: int, samples: int, he
             results = config.get("results") or {}
             identity = {"run": results.get("run") or run_dir.name, "study": results.get("study") or "",
                         "model": module.hparams.get("model"), "dataset": datamodule.name, "method": "fp32",
-                        "weight_bits": bits, "act_bits": 32, "seed": config.get("seed_everything"),
-                        "split": "train", "corruption": "none", "severity": 0}
+                        "weight_bits": bits, "act_bits": FLOAT_BITS, "seed": config.get("seed_everything"),
+                        **config["weights_at"], "split": "train", "corruption": "none", "severity": 0}
             rows += [{**identity, "metric": k, "value": v if math.isfinite(v) else float("nan")}
                      for k, v in values.items()]
         Console().print(table)

@@ -58,14 +58,14 @@ def fit(*extra: str):
 
 CASES = {
     # quantization config
-    "unknown method": (fit("--quantization.method", "lsqq"), "'lsqq' is not a valid choice"),
+    "unknown method": (fit("--quantization.method", "lsqq"), "unknown quantization method 'lsqq'"),
     "bits 0": (fit("--quantization.method", "lsq", "--quantization.weight_bits", "0"), "from 2 to 8, got 0"),
     "bits 1": (fit("--quantization.method", "lsq", "--quantization.weight_bits", "1"), "from 2 to 8, got 1"),
     "bits 9": (fit("--quantization.method", "lsq", "--quantization.weight_bits", "9"), "from 2 to 8, got 9"),
     "bits 33": (fit("--quantization.method", "lsq", "--quantization.weight_bits", "33"), "from 2 to 8, got 33"),
     "activation bits 1": (fit("--quantization.method", "lsq", "--quantization.act_bits", "1"), "act_bits"),
     "signed PACT": (fit("--quantization.method", "pact_dorefa", "--quantization.act_signed", "true"),
-                    "PACT clips activations at 0"),
+                    "clips activations at 0"),
     "pattern matches no layer": (fit("--quantization.method", "lsq", "--quantization.exclude", "[nothing.*]"),
                                  "matches no Conv2d/Linear"),
     # config files and keys

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from callbacks import read_epoch_metrics
 from conftest import REPO, run_cli
 from lightning_modules import ClassificationModule
 from quantizers import LSQQuantizer, QuantConv2d
-from study.store import read_rows
+from records.run_files import read_epoch_metrics
+from records.store import read_rows
 
 
 def clean_accuracies(results: Path) -> list[float]:

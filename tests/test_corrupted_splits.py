@@ -12,7 +12,7 @@ from conftest import run_cli
 from datamodules import ArrayImageDataset, DataError, DigitsDataModule
 from datamodules.corruptions import corrupt
 from datamodules.corruptions.splits import CIFARCRelease, CorruptedTest, CorruptionCache, OnTheFlyCorruption
-from study.store import read_rows
+from records.store import read_rows
 
 
 def images(n: int = 12, seed: int = 0) -> np.ndarray:

@@ -589,7 +589,7 @@ def test_elastic_displacement_fields(profile: str, severity: int, monkeypatch: p
 
 # ------------------------------------------------------------------ the tables themselves
 
-# Copied from make_cifar_c.py and imagecorruptions 1.1.5 (docs/reference/corruptions.md), written out here so
+# Copied from make_cifar_c.py and imagecorruptions 1.1.5 (see docs/corruptions.md), written out here so
 # that a slip in profiles.py cannot hide behind the formula tests above, which read profiles.py.
 REFERENCE_TABLES = {
     "cifar": {

@@ -23,11 +23,10 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
-from callbacks import read_epoch_metrics  # noqa: E402
 from conftest import REPO, SHARED_DATA, run_cli  # noqa: E402
 from datamodules import DataError, RectanglesDataModule, VOCDataModule  # noqa: E402
 from datamodules.corruptions.splits import CorruptedTest  # noqa: E402
-from datamodules.voc import DetectionDataset, DetectionRecord, detection_collate, letterbox  # noqa: E402
+from datamodules.detection import DetectionDataset, DetectionRecord, detection_collate, letterbox  # noqa: E402
 from lightning_modules import DetectionModule  # noqa: E402
 from lightning_modules.yolo import (  # noqa: E402
     check_quantization_policy,
@@ -36,7 +35,8 @@ from lightning_modules.yolo import (  # noqa: E402
     to_original_coordinates,
 )
 from quantizers import LSQQuantizer, QuantConv2d, QuantSpec, QuantSpecError, quantize_model  # noqa: E402
-from study.store import read_rows  # noqa: E402
+from records.run_files import read_epoch_metrics  # noqa: E402
+from records.store import read_rows  # noqa: E402
 
 NO_CORRUPTIONS = ["--data.init_args.corrupted_test.corruptions", "[]"]
 CORRUPTIONS = ["--data.init_args.corrupted_test.corruptions", "[gaussian_noise, fog]",
@@ -385,10 +385,16 @@ def test_a_bad_image_can_be_skipped_with_a_warning(tmp_path, caplog):
     (root / "VOC2007" / "JPEGImages" / "000002.jpg").write_bytes(b"not a jpeg")
     data = VOCDataModule(str(root), train_sets=["2007/train"], val_sets=["2007/val"], test_sets=["2007/val"],
                          image_size=64, on_bad_image="skip", corrupted_test=CorruptedTest([]))
-    data.setup("fit")
+    data.setup("test")
     with caplog.at_level("WARNING"):
-        sample = data.val_set[1]
-    assert sample["index"] == 0 and "000002.jpg" in caplog.text
+        sample = data.train_set[1]
+    assert sample["index"] == 0 and "000002.jpg" in caplog.text  # training: the next image takes its place
+    # Evaluation: the bad image and its boxes leave the split; the good one is scored once.
+    for loader in (data.val_dataloader(), *data.test_dataloader()):
+        batches = list(loader)
+        assert [b["index"].tolist() for b in batches] == [[0]]
+        assert len(batches[0]["ori_boxes"]) == 1 and batches[0]["img"].shape[0] == 1
+    assert detection_collate([None, None])["img"].shape[0] == 0
 
 
 def test_voc_annotations_are_read_with_difficult_flags(tmp_path):

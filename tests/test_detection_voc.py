@@ -22,10 +22,10 @@ os.environ.setdefault("YOLO_OFFLINE", "true")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from callbacks import read_epoch_metrics  # noqa: E402
 from conftest import REPO, SHARED_DATA, run_cli  # noqa: E402
 from datamodules.corruptions import BENCHMARK_CORRUPTIONS, CORRUPTIONS  # noqa: E402
-from study.store import read_rows  # noqa: E402
+from records.run_files import read_epoch_metrics  # noqa: E402
+from records.store import read_rows  # noqa: E402
 
 VOC_DEV = SHARED_DATA / "voc2007-dev" / "VOCdevkit"
 EPOCHS = int(os.environ.get("QREG_VOC_DEV_EPOCHS", "3"))

@@ -9,7 +9,7 @@ import torch
 
 from conftest import REPO, run_cli
 from lightning_modules.divergence import first_non_finite
-from study.store import read_rows
+from records.store import read_rows
 
 
 def test_diverged_run_exits_3_names_the_step_and_is_recorded(digits_fast_args, tmp_path, capsys):

@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_modules.models import build_model
 from quantizers import QuantSpec, quantize_model
-from study.mechanism import (
+from records.mechanism import (
     fake_quantization_off,
     gradient_norm_term,
     hessian_trace,
@@ -86,7 +86,7 @@ def test_fake_quantization_off_restores_the_quantizers():
 
 def test_theorem_command_on_a_trained_fp32_run(digits_fast_args, tmp_path, capsys):
     from conftest import run_cli
-    from study.store import read_rows
+    from records.store import read_rows
 
     assert run_cli("fit", *digits_fast_args, "--flatness.enabled", "false") == 0
     status = run_cli("theorem", str(tmp_path / "run"), "--bits", "[2, 8]", "--images", "16", "--samples", "2",

@@ -94,3 +94,19 @@ def test_noise_method_swaps_every_layer_weights_only_and_per_layer_variance_matc
     assert torch.equal(model(x), model(x))  # no noise at evaluation
     assert QuantSpec(method="noise", weight_bits=4).describe() == "noise W4"
     assert not any(isinstance(m, nn.Module) and type(m).__name__ == "LSQQuantizer" for m in model.modules())
+
+
+def test_one_noise_statistic_for_every_method():
+    """LSQ, DoReFa and the matched-noise control all report the mean square of their noise, so the figure that
+    compares them compares like with like; for the control it equals the variance of the noise it injects."""
+    torch.manual_seed(3)
+    weight = 1.0 + 0.01 * torch.randn(50_000)  # all near one grid point: the noise has a large mean
+    lsq = LSQQuantizer(3, signed=True)
+    lsq.initialize_from(weight)
+    delta = lsq(weight) - weight
+    assert weight_noise_statistics(weight, lsq)[0] == pytest.approx(delta.pow(2).mean().item(), rel=1e-5)
+    assert delta.var(unbiased=False).item() < 0.5 * delta.pow(2).mean().item()  # the variance is another number
+    control = GaussianWeightNoise(3).train()
+    injected = control(weight) - weight
+    assert weight_noise_statistics(weight, control)[0] == pytest.approx(float(control.last_variance), rel=1e-6)
+    assert injected.pow(2).mean().item() == pytest.approx(float(control.last_variance), rel=0.03)

@@ -1,4 +1,4 @@
-"""The quantizers against the formulas of reference/quantization.md: forward values, gradients, inits."""
+"""The quantizers against their papers' formulas (LSQ, PACT, DoReFa): forward values, gradients, inits."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import multiprocessing
 
 import pytest
 
-from study.store import FIELDS, ResultsStoreError, append_rows, read_rows
+from records.store import FIELDS, ResultsStoreError, append_rows, read_rows
 
 
 def row(**overrides):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from study.store import read_rows
+from records.store import read_rows
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from study.store import read_rows
+from records.store import read_rows
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_cli
+from records.store import read_rows
 from study.grid import Cell, MethodEntry, StudyConfig, StudyError
-from study.store import read_rows
 
 
 def test_grid_expands_fp32_plus_methods_times_bits_times_seeds():

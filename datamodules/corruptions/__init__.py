@@ -6,18 +6,10 @@ corruption, severity); see docs/corruptions.md.
 """
 
 from datamodules.corruptions._common import CorruptionError
-from datamodules.corruptions.engine import (
-    BENCHMARK_CORRUPTIONS,
-    CORRUPTIONS,
-    DETERMINISTIC,
-    ENGINE_VERSION,
-    EXTRA_CORRUPTIONS,
-    SEVERITIES,
-    corrupt,
-    engine_fingerprint,
-)
+from datamodules.corruptions.engine import DETERMINISTIC, ENGINE_VERSION, corrupt, engine_fingerprint
 from datamodules.corruptions.grid import save_corruption_grid
 from datamodules.corruptions.profiles import PROFILES
+from records.splits import BENCHMARK_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES
 
 __all__ = [
     "BENCHMARK_CORRUPTIONS",

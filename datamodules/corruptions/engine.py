@@ -16,34 +16,12 @@ import numpy as np
 from datamodules.corruptions import blur, digital, noise, weather
 from datamodules.corruptions._common import CorruptionError
 from datamodules.corruptions.profiles import PROFILES, parameters
+from records.splits import CORRUPTIONS, SEVERITIES
 
 # Bump whenever the bytes an input produces change (caches of generated splits key on it).
 ENGINE_VERSION = "1"
 
-CORRUPTIONS: tuple[str, ...] = (
-    "gaussian_noise",
-    "shot_noise",
-    "impulse_noise",
-    "defocus_blur",
-    "glass_blur",
-    "motion_blur",
-    "zoom_blur",
-    "snow",
-    "frost",
-    "fog",
-    "brightness",
-    "contrast",
-    "elastic_transform",
-    "pixelate",
-    "jpeg_compression",
-    "speckle_noise",
-    "gaussian_blur",
-    "spatter",
-    "saturate",
-)
-BENCHMARK_CORRUPTIONS: tuple[str, ...] = CORRUPTIONS[:15]
-EXTRA_CORRUPTIONS: tuple[str, ...] = CORRUPTIONS[15:]
-SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
+# The names and their order are the splits' vocabulary (records.splits); the functions are here.
 
 CorruptionFunction = Callable[[np.ndarray, Any, Sequence[np.random.Generator] | None, str], np.ndarray]
 

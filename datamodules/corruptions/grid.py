@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.corruptions._common import CorruptionError
-from datamodules.corruptions.engine import CORRUPTIONS, SEVERITIES, corrupt
+from datamodules.corruptions.engine import corrupt
+from records.splits import CORRUPTIONS, SEVERITIES
 
 
 def save_corruption_grid(

@@ -23,8 +23,14 @@ from typing import Literal
 
 import numpy as np
 
-from datamodules.corruptions.engine import CORRUPTIONS, SEVERITIES, corrupt, engine_fingerprint
+from datamodules.array_cache import digest_path, load_array, save_array
+from datamodules.corruptions.engine import corrupt, engine_fingerprint
 from datamodules.errors import DataError
+from records.splits import (
+    CORRUPTIONS,
+    SEVERITIES,
+    split_name,  # noqa: F401 - where the VOC DataModule imports it from
+)
 
 RELEASE_IMAGES_PER_SEVERITY = 10_000
 
@@ -72,10 +78,6 @@ class CorruptedTest:
         return [(name, severity) for name in self.names for severity in sorted(set(self.severities))]
 
 
-def split_name(corruption: str, severity: int) -> str:
-    return f"{corruption}/{severity}"
-
-
 class OnTheFlyCorruption:
     """Batch transform (images, dataset indices) -> corrupted images."""
 
@@ -88,22 +90,6 @@ class OnTheFlyCorruption:
 
 def fingerprint(images: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(images).view(np.uint8).data).hexdigest()[:16]
-
-
-def write_npy_atomically(path: Path, array: np.ndarray) -> None:
-    """Save an array next to its final name, fsync, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class CorruptionCache:
@@ -122,6 +108,7 @@ class CorruptionCache:
         self.directory = Path(directory) / f"{profile}-seed{seed}-{key}"
         self.clean_images = clean_images
         self.profile, self.seed = profile, seed
+        self.source = key  # every split's digest record names the manifest it was generated under
 
     def path(self, corruption: str, severity: int) -> Path:
         return self.directory / f"{corruption}-{severity}.npy"
@@ -136,8 +123,8 @@ class CorruptionCache:
         if self._manifest_matches():
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        for stale in self.directory.glob("*.npy"):  # a folder whose manifest differs is never trusted
-            stale.unlink()
+        for stale in [*self.directory.glob("*.npy"), *self.directory.glob("*.digest")]:
+            stale.unlink()  # a folder whose manifest differs is never trusted
         text = json.dumps(self.manifest, indent=2, sort_keys=True).encode()
         fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
@@ -147,24 +134,35 @@ class CorruptionCache:
         os.replace(tmp, self.directory / "manifest.json")
 
     def load(self, corruption: str, severity: int) -> np.ndarray:
-        """The corrupted split, generated and saved first if missing (memory-mapped when cached)."""
+        """The corrupted split, generated and saved first if missing, damaged or foreign (memory-mapped when
+        cached; its digest is checked on every load)."""
         self._ensure_manifest()
         path = self.path(corruption, severity)
-        if path.exists():
-            try:
-                images = np.load(path, mmap_mode="r")
-                if images.shape == self.clean_images.shape and images.dtype == np.uint8:
-                    return images
-            except ValueError:
-                pass  # truncated or foreign file: regenerate it
+        images = load_array(path, self.source, what="corrupted-split cache", mmap=True)
+        if images is not None and images.shape == self.clean_images.shape and images.dtype == np.uint8:
+            return images
         images = corrupt(self.clean_images, corruption, severity, self.profile, self.seed, index=0)
-        write_npy_atomically(path, images)
+        save_array(path, images, self.source)
         return np.load(path, mmap_mode="r")
+
+    def discard_damaged(self, splits: Iterable[tuple[str, int]]) -> int:
+        """Check the digest of every cached split (reads them all) and delete those that fail, with a warning,
+        so they count as missing; returns how many were deleted. `load` checks each split it serves anyway."""
+        if not self._manifest_matches():
+            return 0
+        discarded = 0
+        for corruption, severity in splits:
+            path = self.path(corruption, severity)
+            if path.exists() and load_array(path, self.source, what="corrupted-split cache", mmap=True) is None:
+                path.unlink(missing_ok=True)
+                digest_path(path).unlink(missing_ok=True)
+                discarded += 1
+        return discarded
 
     def missing(self, splits: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
         if not self._manifest_matches():
             return list(splits)
-        return [(c, s) for c, s in splits if not self.path(c, s).exists()]
+        return [(c, s) for c, s in splits if not (self.path(c, s).exists() and digest_path(self.path(c, s)).exists())]
 
     def generate(self, splits: Iterable[tuple[str, int]], workers: int = 1, progress=None) -> int:
         """Write every missing split, `workers` processes at a time; returns how many were written.
@@ -186,7 +184,8 @@ class CorruptionCache:
         # in a broken state.
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             jobs = {
-                pool.submit(_write_split, self.path(c, s), self.clean_images, c, s, self.profile, self.seed): (c, s)
+                pool.submit(_write_split, self.path(c, s), self.clean_images, c, s, self.profile, self.seed,
+                            self.source): (c, s)
                 for c, s in todo
             }
             for job in as_completed(jobs):
@@ -196,8 +195,9 @@ class CorruptionCache:
         return len(todo)
 
 
-def _write_split(path: Path, clean: np.ndarray, corruption: str, severity: int, profile: str, seed: int) -> None:
-    write_npy_atomically(path, corrupt(clean, corruption, severity, profile, seed, index=0))
+def _write_split(path: Path, clean: np.ndarray, corruption: str, severity: int, profile: str, seed: int,
+                 source: str) -> None:
+    save_array(path, corrupt(clean, corruption, severity, profile, seed, index=0), source)
 
 
 class CIFARCRelease:

@@ -20,8 +20,11 @@ from typing import Any
 RESULTS_FILE = "results.jsonl"
 FIELDS = (
     "run", "study", "model", "dataset", "method", "weight_bits", "act_bits", "seed",
+    "epoch", "step",  # the training epoch (0-based) and global step of the weights measured
     "split", "corruption", "severity", "metric", "value",
 )
+# Fields that stores written before they existed lack, as do measures of no checkpoint: None there.
+LATER_FIELDS = ("epoch", "step")
 
 
 class ResultsStoreError(ValueError):
@@ -29,6 +32,7 @@ class ResultsStoreError(ValueError):
 
 
 def check_row(row: dict[str, Any]) -> dict[str, Any]:
+    row = {**{name: None for name in LATER_FIELDS}, **row}
     missing = [f for f in FIELDS if f not in row]
     extra = [f for f in row if f not in FIELDS]
     if missing or extra:

@@ -1,0 +1,119 @@
+"""Checkpoint files as qreg reads and writes them: validated before use, written atomically.
+
+- `read_checkpoint(path)`: the one check every checkpoint qreg is handed goes through (`fit`/`test
+  --ckpt_path`, a study's resume, `theorem`): it exists, is a file, loads, and carries the keys qreg's own
+  checkpoints have (weights, epoch and step, the quantization spec). Anything else is a `CheckpointError`
+  naming the file, one line, instead of a traceback from deep inside torch or Lightning.
+- `AtomicCheckpointIO`: Lightning's `TorchCheckpointIO` with the write done as a temporary file in the
+  destination folder, fsync, rename. Lightning's own write goes through fsspec, which stages the bytes in
+  `$TMPDIR` and *copies* them into place when the run folder is on another file system (the usual cluster
+  case): a crash or a full disk during that copy left a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from quantizers import CHECKPOINT_KEY
+
+# What every checkpoint qreg writes holds; a file without them is not one of qreg's (or is damaged).
+REQUIRED_KEYS = ("state_dict", "epoch", "global_step", CHECKPOINT_KEY)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: missing, not a file, unreadable, or not one of qreg's."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (no space, read-only folder); nothing partial is left."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def read_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = REQUIRED_KEYS) -> dict[str, Any]:
+    """Load a checkpoint on the CPU after checking it is a qreg checkpoint; `CheckpointError` names the file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile,
+            AttributeError, ImportError, IndexError, KeyError, TypeError, UnicodeDecodeError) as error:
+        # torch.load reports a truncated zip as RuntimeError, a text file as UnpicklingError, ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be loaded (damaged or not a checkpoint): {reason}") from None
+    if not isinstance(checkpoint, dict):
+        kind = type(checkpoint).__name__
+        raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (it holds a {kind})")
+    missing = [key for key in required if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not a qreg checkpoint: it lacks {', '.join(missing)}")
+    return checkpoint
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """None when `path` is a usable qreg checkpoint, else the one-line reason."""
+    try:
+        read_checkpoint(path)
+    except CheckpointError as error:
+        return str(error)
+    return None
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """Temporary file beside `path`, fsync, rename, fsync the folder: the final name only ever holds a whole
+    file. On any failure the temporary file is removed and the old file (if any) is left as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Every checkpoint Lightning saves (ModelCheckpoint, `trainer.save_checkpoint`, SLURM's hpc checkpoint)
+    lands atomically on the run folder's own file system; loading validates the file first."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        try:
+            write_bytes_atomically(Path(path), buffer.getvalue())
+        except OSError as error:
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            raise CheckpointWriteError(error.errno or errno.EIO, f"cannot write checkpoint {path}: {reason}; "
+                                       "nothing was left half-written") from error
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None):
+        # Loaded on the CPU: Lightning copies the weights into the module and moves the optimizer state to
+        # the module's device afterwards.
+        return read_checkpoint(path)

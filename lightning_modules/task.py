@@ -1,0 +1,57 @@
+"""`TaskModule`: the contract between a task's LightningModule and qreg's callbacks, and what every task module
+does alike (re-quantizing on checkpoint load).
+
+The contract the callbacks rely on:
+
+- `net`: the `nn.Module` that `QuantizationCallback` quantizes, in place, in `setup` (the last hook before
+  Lightning builds the optimizer and wraps the model for DDP). Everything the task trains or tests goes through
+  it (a detector's EMA copy is quantized alongside: `quantized_networks`).
+- `test_results`: filled by the module's `on_test_epoch_end` with split name ('clean', 'fog/3', see
+  records.splits) -> {metric: value}, scores in percent. `FlatnessCallback` adds split 'train' in its
+  `on_test_end`, which therefore must run before `ResultsCallback.on_test_end` writes the rows: Lightning calls
+  callbacks in list order, so `FlatnessCallback` comes first (cli.py registers it first;
+  `ResultsCallback.setup` refuses the other order).
+- `test_predictions`: split name -> per-image correctness (bool array) on a single process, {} when there is
+  none (DDP, detection); `ResultsCallback` writes it to predictions.npz for the report's paired bootstrap.
+
+A checkpoint carries the quantization spec its weights were trained with (`quantizers.CHECKPOINT_KEY`);
+`on_load_checkpoint` re-applies it to every network of `quantized_networks()` before the weights load, so
+`load_from_checkpoint` and `test --ckpt_path` rebuild the fake-quant layers with or without the callback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from torch import nn
+
+from quantizers import CHECKPOINT_KEY, QuantSpec, quantize_model
+
+
+class TaskModule(L.LightningModule):
+    """Base of the task modules; subclasses set `self.net` in `__init__`."""
+
+    net: nn.Module
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.test_results: dict[str, dict[str, float]] = {}
+        self.test_predictions: dict[str, Any] = {}
+
+    def quantized_networks(self) -> list[nn.Module]:
+        """The networks a checkpoint's quantization spec is applied to (by default `net`)."""
+        return [self.net]
+
+    def requantize(self, checkpoint: dict[str, Any]) -> QuantSpec | None:
+        """Apply the checkpoint's quantization spec to `quantized_networks()`; returns the spec (None: float)."""
+        stored = checkpoint.get(CHECKPOINT_KEY)
+        if stored is None:
+            return None
+        spec = QuantSpec.from_dict(stored)
+        for net in self.quantized_networks():
+            quantize_model(net, spec)
+        return spec
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.requantize(checkpoint)

@@ -1,0 +1,157 @@
+"""The report's data: a study's results store and its cells' metric and prediction files, read through `records`
+and checked, grouped the way the report needs them. Anything unreadable or contradictory ends the report with one
+line naming the file (StudyError / RunFileError, exit status 2)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from quantizers import FLOAT_BITS, precision_label
+from records.measures import mean_corrupted
+from records.run_files import METRICS_FILE, PREDICTIONS_FILE, check_predictions, load_predictions, read_epoch_metrics
+from records.splits import CLEAN, corruption_of, split_name
+from records.store import RESULTS_FILE, ResultsStoreError, read_rows
+from study.grid import StudyError
+
+SCORES = ("accuracy", "map50")  # the per-split score of a classification / detection cell, in percent
+FP32 = "fp32"
+
+
+@dataclass
+class CellResult:
+    """Everything the report knows about one run of the study."""
+
+    run: str
+    model: str
+    dataset: str
+    method: str
+    weight_bits: int
+    act_bits: int
+    seed: int | None
+    epoch: int | None = None  # position of the weights tested (None in stores older than the field)
+    step: int | None = None
+    scores: dict[str, float] = field(default_factory=dict)  # split name -> accuracy (or mAP50), percent
+    metric: str = "accuracy"
+    diverged_at: float | None = None
+    test_loss: float | None = None  # on the clean test set
+    train: dict[str, float] = field(default_factory=dict)  # measures on training images (FlatnessCallback)
+    theorem: dict[int, dict[str, float]] = field(default_factory=dict)  # bits -> theorem_* measures
+
+    @property
+    def experiment(self) -> tuple[str, str]:
+        return self.model, self.dataset
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.method == FP32
+
+    @property
+    def bits_label(self) -> str:
+        return precision_label(self.method, self.weight_bits, self.act_bits)
+
+    @property
+    def weights_at(self) -> str:
+        """'epoch 11 / step 132': the weights the test measured (epoch 0-based, as Lightning counts)."""
+        if self.epoch is None and self.step is None:
+            return ""
+        return f"{'' if self.epoch is None else self.epoch} / {'' if self.step is None else self.step}"
+
+    def per_corruption(self) -> dict[str, float]:
+        """Clean score and, per corruption, the mean over its severities."""
+        groups: dict[str, list[float]] = defaultdict(list)
+        for split, value in self.scores.items():
+            groups[corruption_of(split)].append(value)
+        return {name: float(np.mean(values)) for name, values in groups.items()}
+
+    def corrupted_mean(self, corruptions: tuple[str, ...] | None = None) -> float | None:
+        return mean_corrupted(self.scores, corruptions)
+
+
+def load_cells(study_dir: Path) -> tuple[list[CellResult], str | None]:
+    """The study's cells and its name (the `study` column; None if the rows do not name one)."""
+    path = study_dir / RESULTS_FILE
+    try:
+        rows = read_rows(path)
+    except ResultsStoreError as error:
+        raise StudyError(f"cannot report on {study_dir}: {error}") from None
+    cells: dict[str, CellResult] = {}
+    # A run's identity comes from its evaluation rows; theorem rows reuse weight_bits for the simulated noise.
+    is_primary = [r["metric"] in (*SCORES, "diverged") for r in rows]
+    ordered = [r for r, p in zip(rows, is_primary, strict=True) if p] + [
+        r for r, p in zip(rows, is_primary, strict=True) if not p]
+    for row in ordered:
+        cell = cells.setdefault(row["run"], CellResult(
+            row["run"], row["model"], row["dataset"], row["method"], row["weight_bits"], row["act_bits"], row["seed"]))
+        split = split_name(row["corruption"], row["severity"])
+        metric, value = row["metric"], row["value"]
+        if metric == "diverged":
+            cell.diverged_at = value
+        elif metric.startswith("theorem_"):
+            cell.theorem.setdefault(row["weight_bits"], {})[metric] = value
+        elif row["split"] == "train":
+            cell.train[metric] = value
+        elif metric in SCORES:
+            if not (isinstance(value, int | float) and math.isfinite(value) and 0.0 <= value <= 100.0):
+                raise StudyError(f"{path}: run {row['run']} has {metric} {value!r} on split {split}, not a percentage "
+                                 "from 0 to 100; fix or delete those rows and rerun the cell's test")
+            cell.metric = metric
+            cell.scores[split] = value  # a re-evaluation overwrites: the latest row wins
+            cell.epoch, cell.step = row["epoch"], row["step"]
+        elif metric == "loss" and split == CLEAN:
+            cell.test_loss = value
+    if not any(c.scores or c.diverged_at is not None for c in cells.values()):
+        raise StudyError(f"no results in {path}: run the study's cells first (cli.py study --config ...)")
+    names = {r["study"] for r in rows if r["study"]}
+    return list(cells.values()), (names.pop() if len(names) == 1 else None)
+
+
+class Study:
+    """A study's cells, grouped the way the report needs them, and their files read once each."""
+
+    def __init__(self, study_dir: Path) -> None:
+        self.directory = study_dir
+        self.cells, study_name = load_cells(study_dir)
+        self.name = study_name or study_dir.name
+        self._predictions: dict[str, dict[str, np.ndarray] | None] = {}
+        self._epochs: dict[str, list[dict]] = {}
+
+    def experiments(self) -> list[tuple[str, str]]:
+        return sorted({c.experiment for c in self.cells})
+
+    def baselines(self, experiment) -> list[CellResult]:
+        return [c for c in self.cells if c.experiment == experiment and c.is_baseline and c.scores]
+
+    def methods(self, experiment) -> list[str]:
+        return sorted({c.method for c in self.cells if c.experiment == experiment and not c.is_baseline})
+
+    def levels(self, experiment, method) -> dict[str, list[CellResult]]:
+        """bits label -> cells (one per seed), sorted by weight bits."""
+        found: dict[str, list[CellResult]] = defaultdict(list)
+        cells = sorted((c for c in self.cells if c.experiment == experiment and c.method == method),
+                       key=lambda c: (c.weight_bits, c.act_bits if c.act_bits is not None else FLOAT_BITS))
+        for c in cells:
+            found[c.bits_label].append(c)
+        return dict(found)
+
+    def predictions(self, cell: CellResult) -> dict[str, np.ndarray] | None:
+        """The cell's per-image correctness, checked against its rows; None if it has no predictions file."""
+        if cell.run not in self._predictions:
+            path = self.directory / "cells" / cell.run / PREDICTIONS_FILE
+            predictions = None
+            if path.exists():
+                predictions = load_predictions(path)
+                check_predictions(path, predictions, cell.scores)
+            self._predictions[cell.run] = predictions
+        return self._predictions[cell.run]
+
+    def epochs(self, cell: CellResult) -> list[dict]:
+        """The cell's metrics.jsonl rows, one per epoch ([] without the file)."""
+        if cell.run not in self._epochs:
+            path = self.directory / "cells" / cell.run / METRICS_FILE
+            self._epochs[cell.run] = read_epoch_metrics(path) if path.exists() else []
+        return self._epochs[cell.run]
