@@ -21,7 +21,6 @@ class Agreement:
     max_difference: float  # largest |difference| over every output value
     output_range: float  # largest |value| of the PyTorch outputs, for scale
     top1_agreement: float | None  # fraction of images with the same argmax (classifiers: one (N, C) output)
-    kernels: dict[str, int] | None = None  # node types of the graph ONNX Runtime optimised and ran
 
     def describe(self) -> str:
         parts = [f"on {self.images} images"]
