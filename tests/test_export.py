@@ -330,3 +330,11 @@ def test_cli_export_bad_input_is_one_line_and_writes_nothing(case, lsq_run, tmp_
     assert status == 2
     assert len(err) == 1 and err[0].startswith("qreg: error:") and expected in err[0], err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, no temporary file left
+
+
+def test_cli_export_that_fails_its_check_writes_nothing(lsq_run, tmp_path, capsys):
+    """An agreement below --min_agreement (here an impossible 101 %) ends with status 1 and no file."""
+    assert _export(lsq_run, tmp_path / "model.onnx", "--min_agreement", "1.01") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "export check failed" in err[0] and "was not written" in err[0]
+    assert list(tmp_path.iterdir()) == []
