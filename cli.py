@@ -40,6 +40,7 @@ from callbacks.checkpoint_io import AtomicCheckpointIO, CheckpointError, Checkpo
 from callbacks.flatness import FlatnessCallback
 from datamodules.corruptions import CorruptionError
 from datamodules.errors import DataError
+from deploy.errors import ExportError
 from lightning_modules.divergence import TrainingDiverged
 from lightning_modules.models import UnknownModelError
 from quantizers import QuantSpecError
@@ -79,6 +80,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigFileError, RunFolderError, NothingToTrain, OptionError, TrainerOptionError, CheckpointError,
     CheckpointWriteError, MisconfigurationException,
     QuantSpecError, DataError, CorruptionError, UnknownModelError, ResultsStoreError, StudyError,
+    ExportError,
 )
 # Filesystem conditions the user fixes (free space, quota, a read-only mount) wherever they strike; any other
 # OSError is the user's only when it names a file the user named (or one inside it), else it is a bug.
@@ -544,6 +546,13 @@ def theorem_command(args: list[str]) -> None:
     check_runs(Path(config.path), config.bits, config.images, config.samples, config.hessian_samples)
 
 
+def export_command(args: list[str]) -> None:
+    """Export a trained checkpoint to ONNX (QDQ) or packed integer weights, checked in ONNX Runtime."""
+    from deploy.command import main as export_main
+
+    export_main(args, _tool_parser("export", export_command.__doc__))
+
+
 class StudyRunFailed(RuntimeError):
     """Some cells crashed; the study is resumable, so this ends with exit status 1, not a traceback."""
 
@@ -562,6 +571,7 @@ TOOL_COMMANDS = {
     "study": study_command,
     "report": report_command,
     "theorem": theorem_command,
+    "export": export_command,
 }
 
 

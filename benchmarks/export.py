@@ -1,0 +1,111 @@
+"""ONNX Runtime CPU speed of an exported ResNet20, FP32 vs its 8-bit QDQ export, and file sizes by bits.
+
+    python benchmarks/export.py                  # batch 1 and 128, 2 threads
+    python benchmarks/export.py --threads 1 --rounds 5
+
+Models are built, not trained: ResNet20 with 10 classes, quantized with LSQ (activation steps set by one
+training-mode pass over random images), which is all speed and size depend on. Each model is exported as
+`cli.py export` does, once with BatchNorm as trained and once folded (`--fold_bn true`). The sessions are
+timed interleaved round by round, so drift in the machine's speed hits all of them alike; figures are the
+medians over rounds. Latency is one batch's wall time; throughput is images per second at that batch. The
+node types ONNX Runtime runs after its own graph optimisations show where integer kernels (QLinearConv)
+replaced DequantizeLinear + float Conv. File sizes: the ONNX graph (integers stored as int8) and the packed
+integer file (`--format int`), per bit width.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deploy.onnx_qdq import export_onnx  # noqa: E402
+from deploy.packed import save_packed  # noqa: E402
+from deploy.verify import runtime_kernels, session  # noqa: E402
+from lightning_modules.models import build_model  # noqa: E402
+from quantizers import QuantSpec, quantize_model  # noqa: E402
+
+
+def network(spec: QuantSpec) -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = quantize_model(build_model("resnet20", 10), spec).train()
+    with torch.no_grad():
+        net(torch.randn(128, 3, 32, 32))  # activation steps and BatchNorm statistics
+    return net.eval()
+
+
+def timed(runtime, images: np.ndarray) -> float:
+    start = time.perf_counter()
+    runtime.run(None, {"images": images})
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 128])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--seconds", type=float, default=1.0, help="timed runs per round: about this long")
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="qreg-export-bench-"))
+    example = torch.randn(2, 3, 32, 32)
+
+    models = {}
+    for label, spec, fold in (("FP32", QuantSpec(), False), ("FP32, BN folded", QuantSpec(), True),
+                              ("LSQ W8A8 QDQ", QuantSpec(method="lsq", weight_bits=8), False),
+                              ("LSQ W8A8 QDQ, BN folded", QuantSpec(method="lsq", weight_bits=8), True)):
+        path = scratch / f"{label.replace(' ', '_').replace(',', '')}.onnx"
+        export_onnx(network(spec), example, path, fold_bn=fold)
+        models[label] = path
+
+    print(f"ONNX Runtime CPU, {args.threads} threads, medians of {args.rounds} rounds\n")
+    print("| model | runtime nodes (after ONNX Runtime's optimisations) |")
+    print("|---|---|")
+    for label, path in models.items():
+        kernels = runtime_kernels(path, scratch)
+        shown = ", ".join(f"{kind} {count}" for kind, count in kernels.items()
+                          if kind in ("Conv", "FusedConv", "QLinearConv", "QuantizeLinear", "DequantizeLinear",
+                                      "BatchNormalization", "Gemm", "MatMulIntegerToFloat", "QGemm"))
+        print(f"| {label} | {shown} |")
+
+    for batch in args.batches:
+        images = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+        sessions = {label: session(path, threads=args.threads) for label, path in models.items()}
+        times: dict[str, list[float]] = {label: [] for label in models}
+        for runtime in sessions.values():  # warm-up
+            for _ in range(3):
+                timed(runtime, images)
+        repeats = {label: max(1, int(args.seconds / timed(runtime, images))) for label, runtime in sessions.items()}
+        for _ in range(args.rounds):
+            for label, runtime in sessions.items():
+                times[label].append(statistics.median(timed(runtime, images) for _ in range(repeats[label])))
+        fp32 = statistics.median(times["FP32"])
+        print(f"\nbatch {batch}:\n")
+        print("| model | latency (ms) | throughput (images/s) | time vs FP32 |")
+        print("|---|---|---|---|")
+        for label, samples in times.items():
+            median = statistics.median(samples)
+            print(f"| {label} | {1000 * median:.2f} | {batch / median:,.0f} | {median / fp32:.2f}x |")
+
+    print("\nfile sizes (ResNet20, 10 classes; first and last layer at 8 bits):\n")
+    fp32_path = models["FP32"]
+    print("| bits | ONNX QDQ | packed integers (--format int) | FP32 ONNX |")
+    print("|---|---|---|---|")
+    for bits in (8, 4, 2):
+        net = network(QuantSpec(method="lsq", weight_bits=bits))
+        onnx_report = export_onnx(net, example, scratch / f"w{bits}.onnx")
+        packed = save_packed(net, scratch / f"w{bits}.safetensors")
+        print(f"| W{bits}A{bits} | {onnx_report.size / 1e3:,.0f} kB | {packed.size / 1e3:,.0f} kB | "
+              f"{fp32_path.stat().st_size / 1e3:,.0f} kB |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""`cli.py export`: a trained checkpoint to ONNX (QDQ) or packed integer weights, checked in ONNX Runtime.
+
+    python cli.py export --config configs/digits_resnet20_lsq4.yaml --ckpt_path runs/<run>/checkpoints/last.ckpt \\
+        --format onnx --out model.onnx
+
+The checkpoint's quantization spec says how the model was quantized (as for `test`); the config gives the
+task module's class and the data whose test images the export is checked on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from deploy.errors import ExportError, VerificationFailed
+from deploy.grids import activation_grid
+from quantizers import CHECKPOINT_KEY, QuantSpec, quantized_layers
+
+FORMATS = ("onnx", "int")
+# Sections of a fit config that export reads past: they configure training, not the model.
+_IGNORED_SECTIONS = ("trainer", "seed_everything", "flatness", "results", "test_after_fit", "optimizer",
+                     "lr_scheduler")
+
+
+def add_export_arguments(parser) -> None:
+    from jsonargparse import ActionConfigFile
+    from lightning import LightningDataModule, LightningModule
+
+    from callbacks import QuantizationCallback
+
+    parser.add_argument("--config", action=ActionConfigFile, help="the run's config (e.g. its config.yaml)")
+    parser.add_subclass_arguments(LightningModule, "model", help="the task module (its class loads the checkpoint)")
+    parser.add_subclass_arguments(LightningDataModule, "data", required=False,
+                                  help="the data whose test images the export is checked on")
+    parser.add_class_arguments(QuantizationCallback, "quantization", help="must match the checkpoint's, if set")
+    for section in _IGNORED_SECTIONS:
+        parser.add_argument(f"--{section}", type=Any, default=None, help="read past (training only)")
+    parser.add_argument("--ckpt_path", required=True, help="the trained checkpoint")
+    parser.add_argument("--format", type=Literal[FORMATS], default="onnx",
+                        help="onnx: QDQ graph (plain float for an FP32 model); int: packed integer weights")
+    parser.add_argument("--out", required=True, help="the file to write (.onnx, or .safetensors for int)")
+    parser.add_argument("--fold_bn", type=bool, default=False,
+                        help="onnx: fold BatchNorm into the convolutions' scales where the levels stay exact")
+    parser.add_argument("--verify", type=bool, default=True,
+                        help="check the written model against the PyTorch model on test images")
+    parser.add_argument("--verify_images", type=int, default=1000, help="test images the check uses (at most)")
+    parser.add_argument("--min_agreement", type=float, default=0.995,
+                        help="onnx: smallest top-1 agreement with PyTorch the check accepts")
+
+
+def _class(class_path: str) -> type:
+    module_path, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_path), name)
+    except (ImportError, AttributeError):
+        raise ExportError(f"unknown model class {class_path!r}") from None
+
+
+def checkpoint_spec(ckpt_path: Path) -> QuantSpec | None:
+    """The quantization spec a checkpoint carries, or None when it has none."""
+    if not ckpt_path.is_file():
+        raise ExportError(f"no such checkpoint: {ckpt_path}")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a truncated or foreign file: pickle, zip and torch all raise their own
+        raise ExportError(f"cannot read checkpoint {ckpt_path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ExportError(f"{ckpt_path} is not a Lightning checkpoint (no state_dict)")
+    spec = checkpoint.get(CHECKPOINT_KEY)
+    return None if spec is None else QuantSpec.from_dict(spec)
+
+
+def resolve_spec(ckpt_path: Path, stored: QuantSpec | None, configured: QuantSpec, export_format: str) -> QuantSpec:
+    """The spec to export with: the checkpoint's, checked against the format and the config."""
+    if stored is None:
+        if export_format == "int" or configured.quantized:
+            asked = "--format int" if export_format == "int" else f"the config's {configured.describe()}"
+            raise ExportError(f"{ckpt_path} holds no quantization spec (it was not saved by a qreg fit), so it cannot "
+                              f"be exported as quantized ({asked}); export a checkpoint of a quantized run")
+        return QuantSpec()
+    if configured.quantized and configured != stored:
+        raise ExportError(f"the checkpoint was trained as {stored.describe()} but the config asks for "
+                          f"{configured.describe()}; drop the config's quantization section or fix it")
+    if export_format == "int" and not stored.quantized:
+        raise ExportError(f"{ckpt_path} is an FP32 model ({stored.method}): --format int packs quantized weights; "
+                          "use --format onnx for a float model")
+    return stored
+
+
+def load_module(model_class: type, ckpt_path: Path):
+    try:
+        return model_class.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
+    except (RuntimeError, KeyError, TypeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ExportError(f"{ckpt_path} does not fit {model_class.__name__}: {first}") from None
+
+
+def network(module) -> nn.Module:
+    """The network a task module evaluates with (its `eval_net`, e.g. an EMA copy, or `net`)."""
+    net = getattr(module, "eval_net", None) if hasattr(type(module), "eval_net") else None
+    net = net if isinstance(net, nn.Module) else getattr(module, "net", None)
+    if not isinstance(net, nn.Module):
+        raise ExportError(f"{type(module).__name__} has no `net` network to export")
+    return net
+
+
+def _images_of(batch) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, dict):
+        for key in ("images", "img", "image"):
+            if key in batch:
+                return batch[key]
+    if isinstance(batch, list | tuple) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise ExportError(f"cannot find the images in a test batch of type {type(batch).__name__}")
+
+
+def test_images(datamodule, count: int) -> torch.Tensor:
+    """Up to `count` clean test images as the network receives them (after the DataModule's preprocessing)."""
+    datamodule.setup("test")
+    loaders = datamodule.test_dataloader()
+    loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
+    chunks, total = [], 0
+    for batch in loader:
+        images = _images_of(datamodule.on_after_batch_transfer(batch, 0)).float()
+        chunks.append(images)
+        total += len(images)
+        if total >= count:
+            break
+    return torch.cat(chunks)[:count]
+
+
+def last_layer_step(net: nn.Module) -> float | None:
+    """One input level of the last quantized layer through its largest weight: a logit's quantization step."""
+    layers = list(quantized_layers(net).items())
+    if not layers:
+        return None
+    name, layer = layers[-1]
+    grid = activation_grid(layer, name)
+    if grid is None:
+        return None
+    with torch.no_grad():
+        weight = layer.weight if layer.weight_quantizer is None else layer.weight_quantizer(layer.weight)
+    return float(grid.scale) * weight.abs().max().item()
+
+
+def _size(size: int) -> str:
+    return f"{size / 1e6:.2f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
+
+
+def run_export(config) -> None:
+    from deploy.onnx_qdq import export_onnx
+    from deploy.packed import load_packed, round_trip_identical, save_packed
+    from deploy.verify import compare
+
+    ckpt_path, out = Path(config.ckpt_path), Path(config.out)
+    from deploy.output import check_writable
+
+    check_writable(out)
+    if config.verify_images < 1:
+        raise ExportError(f"--verify_images must be >= 1, got {config.verify_images}")
+    from callbacks import QuantizationCallback
+
+    fields = {k: v for k, v in config.quantization.as_dict().items() if not k.startswith("__")}
+    configured = QuantizationCallback(**fields).spec
+    spec = resolve_spec(ckpt_path, checkpoint_spec(ckpt_path), configured, config.format)
+    model_class = _class(config.model.class_path)
+    module = load_module(model_class, ckpt_path)
+    net = network(module)
+    needs_images = config.format == "onnx" or config.verify
+    if needs_images and config.data is None:
+        raise ExportError("the config has no data section: export needs test images (for the graph's input shape "
+                          "and the check)")
+    images = None
+    if needs_images:
+        from jsonargparse import ArgumentParser
+        from lightning import LightningDataModule
+
+        parser = ArgumentParser()
+        parser.add_subclass_arguments(LightningDataModule, "data")
+        datamodule = parser.instantiate_classes(parser.parse_object({"data": config.data.as_dict()})).data
+        images = test_images(datamodule, config.verify_images)
+    print(f"exporting {ckpt_path} ({spec.describe()}, {type(module).__name__}) as {config.format} to {out}")
+    if config.format == "onnx":
+        agreement: dict[str, Any] = {}
+
+        def check(path: Path) -> None:
+            if not config.verify:
+                return
+            result = compare(path, net, images)
+            agreement["result"] = result
+            if result.top1_agreement is not None and result.top1_agreement < config.min_agreement:
+                raise VerificationFailed(f"ONNX Runtime agrees with PyTorch on only {result.describe()} "
+                                         f"(< {100 * config.min_agreement:.1f} %); {out} was not written")
+
+        report = export_onnx(net, images[:2], out, fold_bn=config.fold_bn, check=check)
+        quantized = sum(1 for layer in report.layers if layer.weight_bits or layer.act_bits)
+        print(f"wrote {out} ({_size(report.size)}): " + (
+            f"{quantized} quantized layers as QDQ ({report.layer_summary()})" if quantized else "float model"))
+        if config.fold_bn:
+            print(f"BatchNorm folded into {len(report.folded)} convolutions"
+                  + "".join(f"; not folded: {bn} ({why})" for bn, why in report.not_folded))
+        if "result" in agreement:
+            result = agreement["result"]
+            step = last_layer_step(net)
+            in_steps = f" = {result.max_difference / step:.2f} last-layer steps of {step:.3g}" if step else ""
+            print(f"ONNX Runtime (CPU) vs PyTorch {result.describe()}{in_steps}")
+        return
+
+    checked: dict[str, tuple[int, int]] = {}
+
+    def check_packed(path: Path) -> None:
+        if not config.verify:
+            return
+        rebuilt = network(load_packed(path))
+        same, total = round_trip_identical(net, rebuilt, images)
+        checked["result"] = (same, total)
+        if same != total:
+            raise VerificationFailed(f"the model rebuilt from the packed weights differs from the checkpoint's on "
+                                     f"{total - same} of {total} images; {out} was not written")
+
+    report = save_packed(net, out, module_class=model_class, hparams=dict(module.hparams), check=check_packed)
+    float_bytes = sum(p.numel() * 4 for p in net.state_dict().values() if p.is_floating_point())
+    print(f"wrote {out} ({_size(report.size)}); checkpoint {_size(ckpt_path.stat().st_size)}, "
+          f"network state in FP32 {_size(float_bytes)}")
+    for bits, (count, size) in report.by_bits().items():
+        print(f"  {bits}-bit weights: {count:,} -> {_size(size)} packed ({_size(4 * count)} in FP32)")
+    print(f"  float32 values kept (BatchNorm, biases, quantizer state, float layers): {report.float_values:,}")
+    if "result" in checked:
+        same, total = checked["result"]
+        print(f"rebuilt from the packed file: outputs bitwise identical to the checkpoint's on {same}/{total} images")
+
+
+def main(args: list[str], parser) -> None:
+    add_export_arguments(parser)
+    config = parser.parse_args(args)
+    try:
+        run_export(config)
+    except VerificationFailed as failure:
+        print(f"qreg: export check failed: {failure}", file=sys.stderr)
+        raise SystemExit(1) from None

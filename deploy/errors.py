@@ -1,0 +1,9 @@
+"""The error a user's export mistake raises: one line that names the fix (cli.py turns it into exit status 2)."""
+
+
+class ExportError(ValueError):
+    """A checkpoint, format or output path that cannot be exported as asked."""
+
+
+class VerificationFailed(RuntimeError):
+    """The exported model disagrees with the PyTorch model beyond the accepted tolerance (not the user's fault)."""

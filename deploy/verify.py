@@ -1,0 +1,88 @@
+"""Run an exported model in ONNX Runtime and compare it with the PyTorch model it came from."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from deploy.onnx_qdq import INPUT_NAME, flat_outputs
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How an exported model's outputs compare with the PyTorch model's on the same images."""
+
+    images: int
+    max_difference: float  # largest |difference| over every output value
+    output_range: float  # largest |value| of the PyTorch outputs, for scale
+    top1_agreement: float | None  # fraction of images with the same argmax (classifiers: one (N, C) output)
+
+    def describe(self) -> str:
+        parts = [f"on {self.images} images"]
+        if self.top1_agreement is not None:
+            same = round(self.top1_agreement * self.images)
+            parts.append(f"top-1 agreement {same}/{self.images} ({100 * self.top1_agreement:.2f} %)")
+            parts.append(f"largest logit difference {self.max_difference:.3g} (logits up to {self.output_range:.3g})")
+        else:
+            parts.append(f"largest output difference {self.max_difference:.3g} (outputs up to {self.output_range:.3g})")
+        return ", ".join(parts)
+
+
+def session(path: str | Path, threads: int | None = None, optimized_model: str | Path | None = None):
+    """An ONNX Runtime CPU session with every graph optimisation on (what a deployment would use)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if optimized_model is not None:
+        options.optimized_model_filepath = str(optimized_model)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def runtime_kernels(path: str | Path, scratch: Path) -> dict[str, int]:
+    """Node types of the graph ONNX Runtime runs after its optimisations (QLinearConv = integer kernels)."""
+    import onnx
+
+    optimized = scratch / f"{Path(path).stem}.ort-optimized.onnx"
+    session(path, optimized_model=optimized)
+    counts = Counter(node.op_type for node in onnx.load(str(optimized)).graph.node)
+    optimized.unlink()
+    return dict(counts.most_common())
+
+
+@torch.no_grad()
+def compare(path: str | Path, net: nn.Module, images: torch.Tensor, batch_size: int = 256) -> Agreement:
+    """Outputs of the ONNX model at `path` in ONNX Runtime vs `net` (eval mode) on `images`, batch by batch."""
+    runtime = session(path)
+    fixed = runtime.get_inputs()[0].shape[0]
+    if isinstance(fixed, int):  # an exporter that could not keep the batch dimension symbolic
+        batch_size = fixed
+    was_training = net.training
+    net.eval()
+    ours, theirs = [], []
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size].float().contiguous()
+            theirs.append([t.float().numpy() for t in flat_outputs(net(batch))])
+            count = len(batch)
+            if isinstance(fixed, int) and count < fixed:  # pad the last batch, keep its own outputs
+                batch = torch.cat([batch, batch[:1].expand(fixed - count, *batch.shape[1:])])
+            ours.append([out[:count] for out in runtime.run(None, {INPUT_NAME: batch.numpy()})])
+    finally:
+        net.train(was_training)
+    reference = [np.concatenate(parts) for parts in zip(*theirs, strict=True)]
+    exported = [np.concatenate(parts) for parts in zip(*ours, strict=True)]
+    difference = max(float(np.abs(a - b).max()) for a, b in zip(reference, exported, strict=True))
+    output_range = max(float(np.abs(a).max()) for a in reference)
+    top1 = None
+    if len(reference) == 1 and reference[0].ndim == 2:
+        top1 = float((reference[0].argmax(1) == exported[0].argmax(1)).mean())
+    return Agreement(len(images), difference, output_range, top1)
