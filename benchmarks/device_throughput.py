@@ -123,7 +123,7 @@ def yolo_rates(args) -> dict[str, float]:
     batch, _ = detection.training_batch(args.yolo_size, args.yolo_batch)
     rates = {}
     for name in ("fp32", "lsq W4A4"):
-        trainee = detection.Trainee(detection.METHODS[name], batch, 20, args.device)
+        trainee = detection.Trainee("yolov5n", detection.methods("yolov5n")[name], batch, 20, args.device)
         base_loss = trainee.loss
         trainee.loss = lambda base_loss=base_loss: _autocast_call(args.device, base_loss)
         trainee.step()

@@ -158,7 +158,8 @@ def test_yolov5n_lsq_step_under_bf16_autocast():
     import detection  # benchmarks/detection.py: a batch of synthetic rectangles (or VOC dev images) and a step
 
     batch, _ = detection.training_batch(64, 2)
-    trainee = detection.Trainee(detection.METHODS["lsq W4A4"], batch, 20, "cpu")  # one float32 step: LSQ init
+    # one float32 step first: LSQ's activation steps initialise on it
+    trainee = detection.Trainee("yolov5n", detection.methods("yolov5n")["lsq W4A4"], batch, 20, "cpu")
     trainee.optimizer.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = trainee.loss()
