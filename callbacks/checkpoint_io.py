@@ -12,12 +12,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from quantizers import CHECKPOINT_KEY
+from records.store import write_atomically as write_bytes_atomically
 
 # What every checkpoint qreg writes holds; a file without them is not one of qreg's (or is damaged).
 REQUIRED_KEYS = ("state_dict", "epoch", "global_step", CHECKPOINT_KEY)
@@ -72,29 +71,6 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     except CheckpointError as error:
         return str(error)
     return None
-
-
-def write_bytes_atomically(path: Path, data: bytes) -> None:
-    """Temporary file beside `path`, fsync, rename, fsync the folder: the final name only ever holds a whole
-    file. On any failure the temporary file is removed and the old file (if any) is left as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
