@@ -635,14 +635,22 @@ def _one_line(error: BaseException) -> str:
     return text
 
 
+# Exceptions that only a bug raises: met in a chain before any user error, the whole chain is a bug (a bug
+# raised while handling a user's missing file must keep its traceback, not be reported as that file).
+PROGRAMMING_ERRORS = (AttributeError, NameError, AssertionError, ZeroDivisionError, IndexError)
+
+
 def _find(error: BaseException | None, kinds) -> BaseException | None:
-    """The first exception of `kinds` in the chain: jsonargparse and Lightning wrap the original one."""
+    """The first exception of `kinds` in the chain (jsonargparse and Lightning wrap the original one), walked
+    as Python prints it: the explicit cause, else the implicit context unless it was suppressed."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, kinds):
             return error
-        error = error.__cause__ or error.__context__
+        if isinstance(error, PROGRAMMING_ERRORS):
+            return None
+        error = error.__cause__ if error.__cause__ is not None or error.__suppress_context__ else error.__context__
     return None
 
 
@@ -668,7 +676,8 @@ class UserFileError(OSError):
 
 def _names_user_path(error: OSError, args: list[str]) -> bool:
     named = [Path(value).absolute() for value in args if value and not value.startswith("-") and os.sep in value]
-    named += [Path(RUNS_DIR).absolute()]
+    if error.errno in (errno.EACCES, errno.EPERM):  # the runs folder is the user's to make writable; a file
+        named += [Path(RUNS_DIR).absolute()]        # missing from it is qreg's own doing, a bug
     for filename in (error.filename, error.filename2):
         if filename is None:
             continue
@@ -718,7 +727,6 @@ def _main(argv: list[str] | None) -> int:
             print(f"qreg: diverged: {_one_line(diverged)}", file=sys.stderr)
             return EXIT_DIVERGED
         mistake = user_error(error, args)
-        _release_unused_run_folders()
         if mistake is None:
             raise
         print(f"qreg: error: {_one_line(mistake)}", file=sys.stderr)
@@ -738,6 +746,8 @@ def _main(argv: list[str] | None) -> int:
             print(INTERRUPTED_LINE.format(signal="Ctrl-C (SIGINT)"), file=sys.stderr)
             return EXIT_SIGINT
         return done.code if isinstance(done.code, int) else int(done.code is not None)
+    finally:
+        _release_unused_run_folders()  # however the run ended: a folder it reserved and never wrote to goes
     return 0
 
 

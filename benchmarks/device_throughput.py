@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import TimedTrainingStep  # noqa: E402  (benchmarks/, the script's own folder)
+from timing import TimedTrainingStep, classifier_images  # noqa: E402  (benchmarks/, the script's own folder)
 
 from lightning_modules.models import build_model  # noqa: E402
 from quantizers import QuantSpec, parameter_groups, quantize_model  # noqa: E402
@@ -74,7 +74,7 @@ class Trainee(TimedTrainingStep):
 
 def training_rates(args, models, deadline: float) -> dict[tuple[str, str, str], float | None]:
     generator = torch.Generator().manual_seed(0)
-    batch = (torch.randn(args.batch_size, 3, 32, 32, generator=generator).to(args.device),
+    batch = (classifier_images(args.batch_size, generator, args.device),
              torch.randint(0, 10, (args.batch_size,), generator=generator).to(args.device))
     trainees, rates = {}, {}
     for model, modes, methods in models:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import TimedTrainingStep  # noqa: E402  (benchmarks/, the script's own folder)
+from timing import TimedTrainingStep, classifier_images  # noqa: E402  (benchmarks/, the script's own folder)
 
 from lightning_modules.models import build_model  # noqa: E402
 from quantizers import QuantSpec, parameter_groups, quantize_model  # noqa: E402
@@ -75,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
 
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch_size, 3, 32, 32, generator=generator).to(args.device)
+    images = classifier_images(args.batch_size, generator, args.device)
     labels = torch.randint(0, 10, (args.batch_size,), generator=generator).to(args.device)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.model}, batch {args.batch_size}, {where}, torch {torch.__version__}")

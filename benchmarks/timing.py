@@ -7,6 +7,12 @@ import time
 import torch
 
 
+def classifier_images(batch_size: int, generator: torch.Generator, device: str) -> torch.Tensor:
+    """Random 32x32 images in the memory layout the classification DataModules deliver: their uint8 arrays are
+    NHWC, batches are NCHW views of them (channels_last strides), and the network runs on that layout."""
+    return torch.randn(batch_size, 32, 32, 3, generator=generator).permute(0, 3, 1, 2).to(device)
+
+
 class TimedTrainingStep:
     """One optimizer step on a fixed batch, and the mean seconds per step over several."""
 

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from quantizers import CHECKPOINT_KEY
-from records.store import write_atomically as write_bytes_atomically
+from records.store import write_atomically
 
 # What every checkpoint qreg writes holds; a file without them is not one of qreg's (or is damaged).
 REQUIRED_KEYS = ("state_dict", "epoch", "global_step", CHECKPOINT_KEY)
@@ -50,9 +50,11 @@ def read_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = REQUIRE
         raise CheckpointError(f"checkpoint {path} is not a file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile,
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile,
             AttributeError, ImportError, IndexError, KeyError, TypeError, UnicodeDecodeError) as error:
-        # torch.load reports a truncated zip as RuntimeError, a text file as UnpicklingError, ...
+        # torch.load reports a truncated zip as RuntimeError, a text file as UnpicklingError, ... An OSError
+        # (EIO, a stale network handle) says nothing about the file's content: it propagates, so a study does
+        # not set aside a sound checkpoint as damaged because its file system hiccupped.
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"checkpoint {path} cannot be loaded (damaged or not a checkpoint): {reason}") from None
     if not isinstance(checkpoint, dict):
@@ -80,10 +82,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        # Serialised in memory first, so that a write error is the OSError of the write itself (torch.save into
+        # the file would wrap a full disk in its own RuntimeError); getbuffer() hands it over without a copy.
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         try:
-            write_bytes_atomically(Path(path), buffer.getvalue())
+            write_atomically(Path(path), buffer.getbuffer())
         except OSError as error:
             reason = os.strerror(error.errno) if error.errno else str(error)
             raise CheckpointWriteError(error.errno or errno.EIO, f"cannot write checkpoint {path}: {reason}; "

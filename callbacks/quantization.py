@@ -95,9 +95,9 @@ class QuantizationCallback(L.Callback):
             return
         metrics = {f"quant/{name}": value for name, value in quantizer_state(net).items()}
         noise = weight_quantization_noise(net)
-        for name, (variance, predicted) in noise.items():
-            metrics[f"quant_noise/{name}"] = variance
-            metrics[f"quant_noise_ratio/{name}"] = variance / predicted
+        for name, (mean_square, predicted) in noise.items():
+            metrics[f"quant_noise/{name}"] = mean_square
+            metrics[f"quant_noise_ratio/{name}"] = mean_square / predicted
         if noise:
             metrics["quant_noise/mean"] = sum(v for v, _ in noise.values()) / len(noise)
         pl_module.log_dict(metrics, on_epoch=True, sync_dist=False)

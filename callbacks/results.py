@@ -23,7 +23,7 @@ import torch
 from quantizers import applied_spec
 from records.measures import corruption_means, detection_summary
 from records.run_files import METRICS_FILE, PREDICTIONS_FILE, append_epoch_metrics, save_predictions
-from records.splits import CLEAN, split_identity
+from records.splits import CLEAN, TRAIN, split_columns, split_identity
 from records.store import RESULTS_FILE, append_rows
 
 LR_MONITOR_PREFIX = "lr-"  # Lightning's LearningRateMonitor columns (for W&B); metrics.jsonl has its own
@@ -127,8 +127,7 @@ class ResultsCallback(L.Callback):
             # the step the loss first went non-finite (the check that raised may come a few steps later)
             step = trainer.global_step if exception.step is None else exception.step
             identity = run_identity(trainer, pl_module, self.study, self.run_name(trainer))
-            append_rows(self.results_path(trainer), [{**identity, "split": "train", "corruption": "none",
-                                                      "severity": 0, "metric": "diverged",
+            append_rows(self.results_path(trainer), [{**identity, **split_columns(TRAIN), "metric": "diverged",
                                                       "value": float(step)}])
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -138,10 +137,8 @@ class ResultsCallback(L.Callback):
         identity = run_identity(trainer, pl_module, self.study, self.run_name(trainer), self._weights_at)
         rows = []
         for split_name, metrics in results.items():
-            split, corruption, severity = split_identity(split_name)
-            for metric, value in metrics.items():
-                rows.append({**identity, "split": split, "corruption": corruption, "severity": severity,
-                             "metric": metric, "value": value})
+            rows += [{**identity, **split_columns(split_name), "metric": metric, "value": value}
+                     for metric, value in metrics.items()]
         append_rows(self.results_path(trainer), rows)
         predictions = getattr(pl_module, "test_predictions", None)
         if predictions:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from records.store import write_atomically
 
 
 class CacheWarning(UserWarning):
@@ -36,33 +36,16 @@ def digest_path(path: Path) -> Path:
     return path.with_name(path.name + ".digest")
 
 
-def _write_atomically(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_json(path: Path, record: dict) -> None:
-    _write_atomically(Path(path), lambda handle: handle.write(json.dumps(record).encode()))
+    write_atomically(Path(path), json.dumps(record).encode())
 
 
 def save_array(path: Path, array: np.ndarray, source: str = "") -> None:
     """Save `array` and then its digest (and the `source` key it was built from) atomically."""
     path = Path(path)
     digest_path(path).unlink(missing_ok=True)  # never a new array behind an old digest, even for a moment
-    _write_atomically(path, lambda handle: np.save(handle, array))
-    record = json.dumps({"digest": array_digest(array), "source": source}).encode()
-    _write_atomically(digest_path(path), lambda handle: handle.write(record))
+    write_atomically(path, lambda handle: np.save(handle, array))
+    write_atomically(digest_path(path), json.dumps({"digest": array_digest(array), "source": source}).encode())
 
 
 def load_array(path: Path, source: str = "", what: str = "cache", mmap: bool = False) -> np.ndarray | None:

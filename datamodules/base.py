@@ -389,9 +389,17 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 Nx3xHxW -> normalised float."""
-        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        mean, std = self._normalization_on(images.device)
         return (images.float() / 255.0 - mean) / std
+
+    def _normalization_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Made once per device: a tensor built from Python numbers on every batch is a blocking
+        # host-to-device copy, a stream sync per batch on CUDA.
+        cache = self.__dict__.setdefault("_normalization", {})
+        if device not in cache:
+            cache[device] = (torch.tensor(self.mean, device=device).view(1, 3, 1, 1),
+                             torch.tensor(self.std, device=device).view(1, 3, 1, 1))
+        return cache[device]
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from deploy.errors import ExportError
+from records.store import write_atomically
 
 
 def check_writable(path: Path) -> None:
@@ -32,21 +31,6 @@ def write_file(path: Path, data: bytes, check: Callable[[Path], None] | None = N
     """
     check_writable(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
+        write_atomically(path, data, check)
     except OSError as error:
         raise ExportError(f"cannot write {path}: {error.strerror or error}") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        if check is not None:
-            check(Path(tmp))
-        os.replace(tmp, path)
-    except OSError as error:
-        raise ExportError(f"cannot write {path}: {error.strerror or error}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)

@@ -168,14 +168,29 @@ def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return tensors, metadata
 
 
+def task_class(class_path: str) -> type:
+    """The task module class a config or a packed file names; only qreg's task modules are built (a packed file
+    is data, and must not be able to name any callable to run)."""
+    from lightning_modules.task import TaskModule
+
+    module_path, _, name = str(class_path).rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_path), name) if module_path else None
+    except (ImportError, AttributeError):
+        found = None
+    if not (isinstance(found, type) and issubclass(found, TaskModule)):
+        raise ExportError(f"unknown model class {class_path!r}: expected a qreg task module, e.g. "
+                          "lightning_modules.ClassificationModule")
+    return found
+
+
 def load_packed(path: str | Path):
     """Rebuild the task module (e.g. ClassificationModule) of a packed file, its `net` the fake-quant network."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such packed model: {path}")
     tensors, metadata = _read(path)
-    module_path, _, class_name = metadata["module_class"].rpartition(".")
-    module = getattr(importlib.import_module(module_path), class_name)(**json.loads(metadata["hparams"]))
+    module = task_class(metadata.get("module_class", ""))(**json.loads(metadata["hparams"]))
     module.net = load_packed_network(module.net, tensors, metadata)
     return module.eval()
 

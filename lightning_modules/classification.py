@@ -65,7 +65,7 @@ class ClassificationModule(TaskModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.train_loss.persistent(True)
         self.train_acc.persistent(True)
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.test_acc = nn.ModuleList()
         self.test_loss = nn.ModuleList()
         self._correct: list[list[torch.Tensor]] = []
@@ -110,8 +110,9 @@ class ClassificationModule(TaskModule):
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
         check_finite_loss(self, loss)
-        self.train_acc(logits, labels)
-        self.train_loss(loss.detach(), weight=torch.full_like(loss.detach(), len(labels)))  # no host copy
+        # update(), not __call__: the batch value would be computed and thrown away (only epoch values are logged)
+        self.train_acc.update(logits, labels)
+        self.train_loss.update(loss.detach(), weight=torch.full_like(loss.detach(), len(labels)))  # no host copy
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
@@ -119,15 +120,17 @@ class ClassificationModule(TaskModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         images, labels = batch
         logits = self(images)
-        self.val_acc(logits, labels)
+        self.val_acc.update(logits, labels)
         self.log("val/loss", F.cross_entropy(logits, labels), on_epoch=True, prog_bar=True)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
 
     def on_test_epoch_start(self) -> None:
         n = len(test_split_names(self.trainer))
         num_classes = self.hparams.num_classes
-        self.test_acc = nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in range(n))
-        self.test_loss = nn.ModuleList(MeanMetric() for _ in range(n))
+        # No per-batch input validation or NaN check (each a host sync on CUDA): a NaN loss stays in the mean.
+        self.test_acc = nn.ModuleList(
+            MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(n))
+        self.test_loss = nn.ModuleList(MeanMetric(nan_strategy="disable") for _ in range(n))
         self.test_acc.to(self.device)
         self.test_loss.to(self.device)
         self._correct: list[list[torch.Tensor]] = [[] for _ in range(n)]
@@ -137,18 +140,18 @@ class ClassificationModule(TaskModule):
         logits = self(images)
         self.test_acc[dataloader_idx].update(logits, labels)
         self.test_loss[dataloader_idx].update(F.cross_entropy(logits, labels, reduction="none"))
-        # Per-image correctness, for the report's paired bootstrap. Under DDP the sampler pads and interleaves
-        # the images, so the per-image order is only kept on a single process.
+        # Per-image correctness, for the report's paired bootstrap, kept on the device until the split ends.
+        # Under DDP the sampler pads and interleaves the images, so the order is only kept on one process.
         if self.trainer.world_size == 1:
-            self._correct[dataloader_idx].append((logits.argmax(1) == labels).cpu())
+            self._correct[dataloader_idx].append(logits.argmax(1) == labels)
 
     def on_test_epoch_end(self) -> None:
         names = test_split_names(self.trainer)
         self.test_predictions = {
-            name: torch.cat(chunks).numpy() for name, chunks in zip(names, self._correct, strict=True) if chunks
+            name: torch.cat(chunks).cpu().numpy() for name, chunks in zip(names, self._correct, strict=True) if chunks
         }
         self.test_results = {}
-        for name, acc, loss in zip(test_split_names(self.trainer), self.test_acc, self.test_loss, strict=True):
+        for name, acc, loss in zip(names, self.test_acc, self.test_loss, strict=True):
             # Accuracy in percent, the unit of the paper's tables and of its Eq. 5.
             self.test_results[name] = {"accuracy": 100.0 * acc.compute().item(), "loss": loss.compute().item()}
             acc.reset()

@@ -67,9 +67,9 @@ class _LSQFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, out, step = ctx.saved_tensors
         q_neg, q_pos, grad_scale = ctx.grid
-        if out is None:
-            out = _lsq_levels(x, step, q_neg, q_pos)
         x_32, grad_32 = in_float32(x), in_float32(grad_out)
+        if out is None:  # half-precision input: its float32 levels were not kept, rebuild them once
+            out = _lsq_levels(x_32, step, q_neg, q_pos)
         grad_x = pass_between(grad_32, x_32, -q_neg * step, q_pos * step)
         # Inside and outside summed apart: sum(g * out) - sum(g * x) over all elements would cancel
         # catastrophically in float32 (two large sums, a small difference).

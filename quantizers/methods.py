@@ -1,7 +1,10 @@
 """The method registry: per quantization method, what it quantizes, which quantizer each layer role gets, how
-its weight noise is measured, and how reports name and colour it. Adding a method is one `register` call
-plus its quantizer class; `QuantSpec`, the module swap, the noise statistics, the study grid and the report
-all read it from here.
+its weight noise is measured, and how reports name and colour it. Adding a method whose quantizers learn
+nothing is one `register` call plus its quantizer class; `QuantSpec`, the module swap, the noise statistics,
+the study grid and the report all read it from here. A quantizer with a learned parameter also needs its
+entry in `LEARNED_PARAMETERS` below (its optimizer group and weight decay), and one with a first-batch
+initialisation must tell `compiling.quantizers_ready`; the exporter (`deploy/grids.py`) knows the integer
+grids of LSQ, PACT and DoReFa only.
 
 Also here, because every layer above prints or stores it: the precision label ('FP32', 'W4A4', 'W4') and
 the convention that 32 bits in a results row means a float (unquantized) tensor.
@@ -82,10 +85,6 @@ def register(method: Method) -> Method:
 def method(name: str) -> Method:
     """The registered method called `name` (KeyError if none)."""
     return REGISTRY[name]
-
-
-def method_names() -> tuple[str, ...]:
-    return tuple(REGISTRY)
 
 
 def method_label(name: str) -> str:

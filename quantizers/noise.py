@@ -47,7 +47,7 @@ class GaussianWeightNoise(nn.Module):
         if not isinstance(bits, int) or isinstance(bits, bool) or bits < 2:
             raise QuantSpecError(f"matched noise needs an integer bit width >= 2, got {bits!r}")
         self.bits = bits
-        self.last_variance: float | None = None
+        self.last_variance: torch.Tensor | None = None  # mean square of the last noise drawn (on the device)
 
     def extra_repr(self) -> str:
         return f"matched to {self.bits}-bit quantization noise"

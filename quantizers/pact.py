@@ -70,6 +70,12 @@ class PACTQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # Restored weights were trained on these inputs, which the check saw then: a network rebuilt from a
+        # checkpoint (`test`, a resume) has no first-batch branch left, so `compile: true` compiles it at once.
+        self._inputs_checked = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and not self._inputs_checked:
             check_non_negative(x, self, "PACT (clip at 0)", "use method lsq with act_signed, or dorefa")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from records.store import ResultsStoreError, locked, write_atomically
+from records.store import ResultsStoreError, json_lines, locked, write_atomically
 
 METRICS_FILE = "metrics.jsonl"
 PREDICTIONS_FILE = "predictions.npz"
@@ -40,21 +40,12 @@ def read_epoch_metrics(path: str | Path) -> list[dict[str, Any]]:
 
     A line that is not a JSON object with an integer epoch (e.g. cut off by a full disk or an editor) is an
     error naming the file and the line."""
-    path = Path(path)
-    by_epoch: dict[int, dict] = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict) or isinstance(row.get("epoch"), bool):
-                    raise ValueError("not a JSON object")
-                epoch = int(row["epoch"])
-            except (ValueError, KeyError, TypeError) as error:
-                raise RunFileError(f"{path}:{number} is not a valid epoch line ({error}); "
-                                   "fix or delete that line") from None
-            by_epoch[epoch] = row
+    def epoch_of(row: dict) -> tuple[int, dict]:
+        if isinstance(row.get("epoch"), bool):
+            raise ValueError("its epoch is not a number")
+        return int(row["epoch"]), row
+
+    by_epoch = dict(json_lines(Path(path), epoch_of, "epoch line", RunFileError))  # the last line wins
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 

@@ -27,6 +27,11 @@ def split_name(corruption: str, severity: int) -> str:
     return CLEAN if corruption == CLEAN else f"{corruption}/{severity}"
 
 
+def split_columns(name: str) -> dict[str, str | int]:
+    """The split, corruption and severity columns of a results row measured on split `name`."""
+    return dict(zip(("split", "corruption", "severity"), split_identity(name), strict=True))
+
+
 def split_identity(name: str) -> tuple[str, str, int]:
     """'clean' -> ('test', 'clean', 0); 'gaussian_noise/3' -> ('test', 'gaussian_noise', 3);
     'train' (measures on training images) -> ('train', 'none', 0)."""

@@ -13,9 +13,9 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 RESULTS_FILE = "results.jsonl"
 FIELDS = (
@@ -32,7 +32,6 @@ class ResultsStoreError(ValueError):
 
 
 def check_row(row: dict[str, Any]) -> dict[str, Any]:
-    row = {**{name: None for name in LATER_FIELDS}, **row}
     missing = [f for f in FIELDS if f not in row]
     extra = [f for f in row if f not in FIELDS]
     if missing or extra:
@@ -55,16 +54,22 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write bytes to `path` via a temporary file in the same folder, fsync, rename, fsync the folder."""
+def write_atomically(
+    path: Path, data: bytes | memoryview | Callable[[BinaryIO], Any], check: Callable[[Path], None] | None = None
+) -> None:
+    """Write `data` (bytes, or a function writing to a binary file) to `path` via a temporary file in the same
+    folder, fsync, `check(temporary path)` if given, rename, fsync the folder. On any failure, the check's
+    included, the temporary file is removed and `path` keeps what it held: never a part of a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            data(handle) if callable(data) else handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
+        if check is not None:
+            check(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -99,26 +104,31 @@ def append_rows(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> int:
     return lines.count("\n")
 
 
-def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All rows of a results file; a malformed line is an error naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ResultsStoreError(f"no results file at {path}")
-    rows = []
+def json_lines(path: Path, parse: Callable[[dict], Any], what: str, error: type[Exception]) -> Iterator[Any]:
+    """`parse(object)` of every non-blank line of a JSON-lines file. A line that is not a JSON object, or that
+    `parse` rejects (ValueError, KeyError, TypeError), is `error` naming the file, the line and `what` it should be."""
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ResultsStoreError("not a JSON object")
-                if row.get("value") in ("nan", "inf", "-inf"):
-                    row["value"] = float(row["value"])
-                row = check_row(row)
-            except (json.JSONDecodeError, ResultsStoreError) as error:
-                raise ResultsStoreError(
-                    f"{path}:{number} is not a valid results row ({error}); fix or delete that line"
-                ) from None
-            rows.append(row)
-    return rows
+                found = json.loads(line)
+                if not isinstance(found, dict):
+                    raise ValueError("not a JSON object")
+                yield parse(found)
+            except (ValueError, KeyError, TypeError) as problem:
+                raise error(f"{path}:{number} is not a valid {what} ({problem}); fix or delete that line") from None
+
+
+def _stored_row(row: dict[str, Any]) -> dict[str, Any]:
+    if row.get("value") in ("nan", "inf", "-inf"):
+        row["value"] = float(row["value"])
+    return check_row({**{name: None for name in LATER_FIELDS}, **row})
+
+
+def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All rows of a results file; a malformed line is an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResultsStoreError(f"no results file at {path}")
+    return list(json_lines(path, _stored_row, "results row", ResultsStoreError))

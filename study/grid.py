@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantizers import REGISTRY, QuantSpec, QuantSpecError, precision_label
+from quantizers.methods import FP32
 
 
 class StudyError(ValueError):
@@ -111,7 +112,7 @@ class StudyConfig:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise StudyError(f"the grid lists these cells twice: {', '.join(duplicates)}")
-        if not any(c.method == "fp32" for c in cells):
+        if not any(c.method == FP32 for c in cells):
             raise StudyError("the grid has no fp32 baseline; add {method: fp32} under methods")
         return cells
 

@@ -28,13 +28,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from records.exits import EXIT_DIVERGED, EXIT_USER_ERROR
+from records.exits import EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR
+from records.measures import SCORE_METRICS
+from records.splits import CLEAN
 from records.store import RESULTS_FILE, read_rows
 from study.grid import Cell, StudyConfig, StudyError
 
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
-FINAL_METRICS = ("accuracy", "map50")  # a cell whose clean test row exists is finished
-INTERRUPTED_STATUSES = (130, 143)  # what `cli.py fit` ends with after Ctrl-C / SIGTERM, having saved last.ckpt
+# what `cli.py fit` ends with after Ctrl-C / SIGTERM, having saved last.ckpt
+INTERRUPTED_STATUSES = (EXIT_SIGINT, EXIT_SIGTERM)
 
 
 @dataclass
@@ -53,7 +55,7 @@ def cell_status(rows: list[dict], cell: Cell) -> str | None:
     mine = [r for r in rows if r["run"] == cell.name]
     if any(r["metric"] == "diverged" for r in mine):
         return "diverged"
-    if any(r["metric"] in FINAL_METRICS and r["corruption"] == "clean" for r in mine):
+    if any(r["metric"] in SCORE_METRICS and r["corruption"] == CLEAN for r in mine):
         return "finished"
     return None
 
@@ -145,6 +147,8 @@ class SignalForwarder:
         """Run a cell in its own process group (a Ctrl-C at the terminal reaches it once, forwarded, not
         twice); returns its exit status, 128 + N for a cell a signal N ended."""
         self.process = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent, process_group=0)
+        if self.received is not None:  # the signal came while the cell was being prepared: it was not forwarded
+            self.process.send_signal(self.received)
         try:
             while True:
                 try:

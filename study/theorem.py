@@ -8,12 +8,14 @@ from pathlib import Path
 import torch
 import yaml
 
+from quantizers.methods import FP32
 from records.mechanism import (
     gradient_norm_term,
     hessian_trace,
     noise_loss_increase,
     quantization_noise_variances,
 )
+from records.splits import TRAIN, split_columns
 from records.store import RESULTS_FILE, append_rows
 from study.grid import StudyError
 
@@ -83,9 +85,9 @@ def check_runs(path: Path, bits_levels: list[int], images: int, samples: int, he
                       "theorem_hessian_term": second_order, "theorem_hessian_stderr": second_error}
             results = config.get("results") or {}
             identity = {"run": results.get("run") or run_dir.name, "study": results.get("study") or "",
-                        "model": module.hparams.get("model"), "dataset": datamodule.name, "method": "fp32",
+                        "model": module.hparams.get("model"), "dataset": datamodule.name, "method": FP32,
                         "weight_bits": bits, "act_bits": FLOAT_BITS, "seed": config.get("seed_everything"),
-                        **config["weights_at"], "split": "train", "corruption": "none", "severity": 0}
+                        **config["weights_at"], **split_columns(TRAIN)}
             rows += [{**identity, "metric": k, "value": v if math.isfinite(v) else float("nan")}
                      for k, v in values.items()]
         Console().print(table)

@@ -18,6 +18,30 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def quant_fragment(name: str) -> dict:
+    """The fields of a shipped quantization fragment, configs/quant/<name>.yaml."""
+    import yaml
+
+    return yaml.safe_load((REPO / "configs" / "quant" / f"{name}.yaml").read_text())
+
+
+def assert_yolo_lsq_policy(net, heads: dict, body_layers: int) -> None:
+    """Both YOLO families under LSQ W4A4: the bare output convs at 8 bits with signed 8-bit inputs, the first
+    conv at 8 bits without an input quantizer (the image), every other conv 4-bit with its own signed LSQ input
+    quantizer."""
+    from quantizers import LSQQuantizer, QuantConv2d
+
+    for layer in heads.values():
+        assert isinstance(layer, QuantConv2d)
+        assert layer.weight_quantizer.bits == 8 and layer.input_quantizer.bits == 8 and layer.input_quantizer.signed
+    first = net.get_submodule("model.0.conv")
+    assert first.weight_quantizer.bits == 8 and first.input_quantizer is None
+    body = [m for n, m in net.named_modules() if isinstance(m, QuantConv2d) and n not in heads and n != "model.0.conv"]
+    assert len(body) == body_layers
+    assert all(m.weight_quantizer.bits == 4 and isinstance(m.input_quantizer, LSQQuantizer) for m in body)
+    assert all(m.input_quantizer.signed for m in body) and len({id(m.input_quantizer) for m in body}) == body_layers
+
+
 def run_cli(*args: str) -> int:
     """Run `python cli.py ARGS` in-process and return its exit status."""
     from cli import main

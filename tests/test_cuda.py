@@ -128,24 +128,26 @@ def test_bitwise_resume_on_cuda(tmp_path):
 
 
 def test_training_step_does_not_sync_the_host(digits_fast_args, monkeypatch):
+    """No host sync from the forward through the quantizers' backward to the optimizer step (Lightning runs
+    training_step and backward inside the closure that `optimizer_step` calls)."""
     from lightning_modules import ClassificationModule
     from lightning_modules.divergence import is_check_step
 
-    original = ClassificationModule.training_step
+    original = ClassificationModule.optimizer_step
     checked = []
 
-    def strict(self, batch, batch_idx):
+    def strict(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         if self.global_step == 0 or is_check_step(self.trainer, self.global_step):
-            return original(self, batch, batch_idx)
+            return original(self, epoch, batch_idx, optimizer, optimizer_closure)
         torch.cuda.set_sync_debug_mode("error")
         try:
-            loss = original(self, batch, batch_idx)
+            result = original(self, epoch, batch_idx, optimizer, optimizer_closure)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         checked.append(self.global_step)
-        return loss
+        return result
 
-    monkeypatch.setattr(ClassificationModule, "training_step", strict)
+    monkeypatch.setattr(ClassificationModule, "optimizer_step", strict)
     status = run_cli("fit", *digits_fast_args, *GPU, "--trainer.limit_train_batches", "6",
                      "--trainer.log_every_n_steps", "4", "--trainer.precision", "bf16-mixed",
                      "--data.init_args.device_resident", "true", "--quantization.method", "lsq",
@@ -160,7 +162,7 @@ def test_yolov5n_training_step_on_cuda():
 
     batch, _ = detection.training_batch(320, 4)
     for name in ("fp32", "lsq W4A4"):
-        trainee = detection.Trainee(detection.METHODS[name], batch, 20, "cuda")
+        trainee = detection.Trainee("yolov5n", detection.methods("yolov5n")[name], batch, 20, "cuda")
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = trainee.loss()
         assert torch.isfinite(loss)

@@ -10,6 +10,7 @@ line and exit status 2.
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
-from conftest import REPO, SHARED_DATA, run_cli  # noqa: E402
+from conftest import REPO, SHARED_DATA, assert_yolo_lsq_policy, quant_fragment, run_cli  # noqa: E402
 from datamodules import DataError, RectanglesDataModule, VOCDataModule  # noqa: E402
 from datamodules.corruptions.splits import CorruptedTest  # noqa: E402
 from datamodules.detection import (  # noqa: E402
@@ -41,7 +42,7 @@ from lightning_modules.yolo import (  # noqa: E402
     non_max_suppression,
     to_original_coordinates,
 )
-from quantizers import LSQQuantizer, QuantConv2d, QuantSpec, QuantSpecError, quantize_model  # noqa: E402
+from quantizers import QuantConv2d, QuantSpec, QuantSpecError, quantize_model  # noqa: E402
 from records.run_files import read_epoch_metrics  # noqa: E402
 from records.store import read_rows  # noqa: E402
 
@@ -76,10 +77,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def quant_fragment(name: str) -> dict:
-    return yaml.safe_load((REPO / "configs" / "quant" / f"{name}.yaml").read_text())
-
-
 # ---------------------------------------------------------------------------------------------- the model
 
 
@@ -101,16 +98,7 @@ def test_v5u_lsq_policy_keeps_dfl_float_and_head_outputs_at_8_bits():
     assert type(net.get_submodule("model.24.dfl.conv")) is nn.Conv2d  # not swapped at all
     heads = head_output_convs(net)
     assert len(heads) == 6
-    for layer in heads.values():
-        assert isinstance(layer, QuantConv2d)
-        assert layer.weight_quantizer.bits == 8 and layer.input_quantizer.bits == 8 and layer.input_quantizer.signed
-    first = net.get_submodule("model.0.conv")
-    assert first.weight_quantizer.bits == 8 and first.input_quantizer is None  # the image is not quantized
-    body = [m for n, m in net.named_modules() if isinstance(m, QuantConv2d) and n not in heads and n != "model.0.conv"]
-    assert len(body) == 68  # the other Conv-block convs, each with its own signed 4-bit input quantizer
-    assert all(m.weight_quantizer.bits == 4 and isinstance(m.input_quantizer, LSQQuantizer) for m in body)
-    assert all(m.input_quantizer.signed for m in body)
-    assert len({id(m.input_quantizer) for m in body}) == 68
+    assert_yolo_lsq_policy(net, heads, body_layers=68)
     check_quantization_policy(net)
 
 
@@ -226,7 +214,8 @@ def test_corrupted_splits_corrupt_native_images_deterministically_and_keep_boxes
     native = data.load_image(data.test_sets["clean"].records[2].image)
     expected, _, _ = letterbox(corrupt(native, "gaussian_noise", 5, "imagenet", 7, index=2), 128)
     assert torch.equal(noisy["img"], torch.from_numpy(expected).permute(2, 0, 1))
-    assert VOCDataModule.__init__.__defaults__ is not None  # VOC defaults to the imagenet profile, all 19 x 5
+    voc_default = inspect.signature(VOCDataModule).parameters["corrupted_test"].default
+    assert voc_default.profile == "imagenet" and len(voc_default.splits()) == 95  # VOC: imagenet profile, 19 x 5
     default = RectanglesDataModule().corrupted_test
     assert default.profile == "imagenet" and len(default.splits()) == 95
 

@@ -69,8 +69,13 @@ def test_fake_quantization_keeps_channels_last_without_copies(make):
     assert not copies, f"hidden copies: {copies}"
 
 
-def test_fit_with_device_resident_data_and_channels_last(digits_fast_args):
+def test_fit_with_device_resident_data_and_channels_last(digits_fast_args, tmp_path):
     status = run_cli("fit", *digits_fast_args, "--data.init_args.device_resident", "true",
                      "--model.init_args.channels_last", "true", "--trainer.limit_train_batches", "2",
                      "--quantization.method", "lsq", "--quantization.weight_bits", "4")
     assert status == 0
+    # the network trained in channels_last (its conv weights are saved in that layout) and was tested
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    convs = [v for k, v in state.items() if k.endswith("conv1.weight") and v.dim() == 4 and v.shape[2] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert (tmp_path / "run" / "results.jsonl").is_file()

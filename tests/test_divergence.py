@@ -22,6 +22,30 @@ def test_diverged_run_exits_3_names_the_step_and_is_recorded(digits_fast_args, t
     assert row["method"] == "lsq" and row["weight_bits"] == 2 and row["split"] == "train"
 
 
+def test_a_check_after_the_failing_step_still_names_that_step(digits_fast_args, tmp_path, capsys, monkeypatch):
+    """The host reads the divergence record only on check steps (here the epoch's last batch, step 2): the loss
+    that went NaN at step 1 is still the one named and recorded."""
+    import torch.nn.functional as F
+
+    real = F.cross_entropy
+    training_calls = []
+
+    def nan_at_step_1(logits, labels, *args, **kwargs):
+        loss = real(logits, labels, *args, **kwargs)
+        if torch.is_grad_enabled():
+            training_calls.append(1)
+            if len(training_calls) == 2:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(F, "cross_entropy", nan_at_step_1)
+    assert run_cli("fit", *digits_fast_args, "--trainer.limit_train_batches", "3") == 3
+    err = [line for line in capsys.readouterr().err.splitlines() if "qreg:" in line]
+    assert len(err) == 1 and "training diverged at step 1 " in err[0], err
+    (row,) = [r for r in read_rows(tmp_path / "run" / "results.jsonl") if r["metric"] == "diverged"]
+    assert row["value"] == 1.0
+
+
 def test_first_non_finite_names_quantizer_state_first():
     from lightning_modules.models import build_model
     from quantizers import QuantSpec, quantize_model

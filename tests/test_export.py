@@ -312,8 +312,8 @@ BAD = {
     "no spec, quantized config": (lambda run, tmp: ["--ckpt_path", str(_no_spec_checkpoint(run, tmp))],
                                   "holds no quantization spec"),
     "config disagrees with checkpoint": (["--quantization.weight_bits", "2"], "trained as lsq W4A4"),
-    "missing checkpoint": (lambda run, tmp: ["--ckpt_path", str(tmp / "none.ckpt")], "no such checkpoint"),
-    "not a checkpoint": (lambda run, tmp: ["--ckpt_path", str(tmp / "file.txt")], "cannot read checkpoint"),
+    "missing checkpoint": (lambda run, tmp: ["--ckpt_path", str(tmp / "none.ckpt")], "none.ckpt does not exist"),
+    "not a checkpoint": (lambda run, tmp: ["--ckpt_path", str(tmp / "file.txt")], "file.txt cannot be loaded"),
 }
 
 

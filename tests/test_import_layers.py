@@ -8,6 +8,7 @@ Lightning modules, callbacks or the study.
 from __future__ import annotations
 
 import ast
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -45,14 +46,21 @@ def imports(path: Path) -> set[str]:
     return found
 
 
+def _project_files():
+    """Every .py file of the project: hidden folders (.venv, .git) and run outputs are never walked."""
+    for folder, subfolders, files in os.walk(REPO):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".") and d not in ("runs", "wandb", "__pycache__")]
+        yield from (Path(folder) / name for name in files if name.endswith(".py"))
+
+
 def package_imports() -> dict[str, dict[str, set[str]]]:
     """{package: {imported package of ours: {files importing it}}}; also every third-party top-level name."""
     ours = top_level_packages()
     graph: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
-    for path in REPO.rglob("*.py"):
+    for path in _project_files():
         relative = path.relative_to(REPO)
         package = relative.parts[0].removesuffix(".py")
-        if package not in ours or any(part.startswith(".") for part in relative.parts):
+        if package not in ours:
             continue
         for name in imports(path):
             if name != package and (name in ours or name in ("lightning", "pytorch_lightning")):

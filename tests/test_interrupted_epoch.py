@@ -3,13 +3,13 @@ with its validation loss and accuracy (a gap in Figure 1 otherwise)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 
 import lightning as L
 
 from conftest import run_cli
+from records.run_files import read_epoch_metrics
 
 EPOCHS, STOP_EPOCH = 3, 1
 
@@ -24,12 +24,7 @@ class SigtermDuringValidation(L.Callback):
 
 
 def rows(run_dir) -> dict[int, dict]:
-    by_epoch: dict[int, dict] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            by_epoch[row["epoch"]] = row  # the last line written for an epoch wins, as the readers do
-    return by_epoch
+    return {row["epoch"]: row for row in read_epoch_metrics(run_dir / "metrics.jsonl")}
 
 
 def test_sigterm_during_validation_keeps_the_epochs_record(digits_fast_args, tmp_path, monkeypatch):

@@ -67,7 +67,6 @@ def _compare(quantizer, signed: bool, param: str | None, traceable: bool = False
     assert torch.equal(out, reference.to(torch.bfloat16)), "levels differ from the float32 path"
     assert torch.equal(grad_x, reference_grad_x.to(torch.bfloat16))
     if param is not None:
-        assert grads[param].dtype == torch.float32
         torch.testing.assert_close(grads[param], reference_grads[param], rtol=1e-5, atol=0)
         assert reference_grads[param].abs().max() > 0
 
@@ -102,9 +101,13 @@ def test_matched_noise_under_autocast_keeps_float32_weights():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = noise(weight)
     assert mixed.dtype == torch.float32 and torch.equal(mixed, reference)
+    # A bfloat16 weight: the variance and the draw in float32 (exactly the float32 path on the same values),
+    # only the result in bfloat16; a draw in bfloat16 would give other values.
     torch.manual_seed(1)
-    low = noise(weight.bfloat16())  # a bfloat16 weight: variance and draw in float32, result in bfloat16
-    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    low = noise(weight.bfloat16())
+    torch.manual_seed(1)
+    expected = noise(weight.bfloat16().float()).bfloat16()
+    assert low.dtype == torch.bfloat16 and torch.equal(low, expected)
 
 
 @pytest.mark.parametrize("method", ["lsq", "pact_dorefa", "dorefa", "noise"])
@@ -114,7 +117,9 @@ def test_every_method_trains_a_step_under_bf16_autocast_with_float32_quantizer_s
     from quantizers import QuantSpec, quantize_model
 
     torch.manual_seed(0)
-    net = quantize_model(build_model("resnet20", 10), QuantSpec(method=method, weight_bits=4)).train()
+    # PACT clipping at 1 (not 10) so that some activations reach alpha and it gets a gradient
+    spec = QuantSpec(method=method, weight_bits=4, pact_alpha=1.0)
+    net = quantize_model(build_model("resnet20", 10), spec).train()
     images = torch.randn(4, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = net(images)
@@ -124,16 +129,19 @@ def test_every_method_trains_a_step_under_bf16_autocast_with_float32_quantizer_s
     assert all(p.dtype == torch.float32 for p in net.parameters())
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
     quantizer_params = [p for n, p in net.named_parameters() if n.endswith(("step", "alpha"))]
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in quantizer_params)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in quantizer_params)
 
 
 def test_bf16_mixed_fit_through_the_cli(digits_fast_args, tmp_path):
     status = run_cli("fit", *digits_fast_args, "--trainer.precision", "bf16-mixed", "--trainer.limit_train_batches",
                      "2", "--quantization.method", "pact_dorefa", "--quantization.weight_bits", "4")
     assert status == 0
-    rows = read_rows(tmp_path / "run" / "results.jsonl")
-    (accuracy,) = [r["value"] for r in rows if r["metric"] == "accuracy" and r["corruption"] == "clean"]
-    assert 0.0 <= accuracy <= 100.0
+    assert [r for r in read_rows(tmp_path / "run" / "results.jsonl") if r["corruption"] == "clean"]
+    # the quantizer state the bf16 steps trained is float32 and moved from its initial value
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    alphas = [v for k, v in state.items() if k.endswith("alpha")]
+    assert alphas and all(a.dtype == torch.float32 for a in alphas)
+    assert any(a.item() != 10.0 for a in alphas)
 
 
 @pytest.mark.slow

@@ -215,6 +215,11 @@ def slurm_scripts_quoted(w, tmp):
         subprocess.run(["bash", "-n", str(tmp / "my study" / "out dir" / "slurm" / name)], check=True)
 
 
+def cache_file_untouched(w, tmp):
+    assert (tmp / "c").is_file() and (tmp / "c").stat().st_size == 0
+    assert sorted(p.name for p in tmp.iterdir()) == ["c"]  # no cache folder, split or temporary file beside it
+
+
 def nothing_written(w, tmp):
     out = tmp / "out"
     assert not (out / "results.jsonl").exists() and not (out / "checkpoints").exists()
@@ -271,7 +276,8 @@ CASES = {
     "corrupt: cache_dir is a file": (
         lambda w, tmp: ["corrupt", "--data", "DigitsDataModule", "--data.init_args.corrupted_test.corruptions",
                         "[fog]", "--data.init_args.corrupted_test.severities", "[1]",
-                        "--cache_dir", str(Path(tmp / "c").touch() or tmp / "c")], 2, "c", lambda w, tmp: None),
+                        "--cache_dir", str(Path(tmp / "c").touch() or tmp / "c")], 2, "c/cifar-seed0",
+        cache_file_untouched),
     "corruption-grid: a 4x4 image": (
         lambda w, tmp: ["corruption-grid", str(Image.new("RGB", (4, 4)).save(tmp / "t.png") or tmp / "t.png"),
                         "--out", str(tmp / "g.png")], 2, "t.png is 4x4 pixels",
@@ -392,6 +398,19 @@ def test_only_errors_about_files_the_user_named_are_user_errors(tmp_path):
     assert user_error(internal, ["fit", "--data.init_args.root", named]) is None  # a bug keeps its traceback
     full = OSError(28, "No space left on device", "/anywhere/file")
     assert "No space left" in str(user_error(full, []))
+    # a bug raised while a user's missing file was being handled is still a bug
+    try:
+        try:
+            raise ours
+        except FileNotFoundError:
+            raise AttributeError("'NoneType' object has no attribute 'images'")  # noqa: B904
+    except AttributeError as bug:
+        assert user_error(bug, ["fit", "--data.init_args.root", named]) is None
+    # a file missing from the runs folder is qreg's doing; a permission error there is the user's to fix
+    missing_run_file = FileNotFoundError(2, "No such file or directory", os.path.abspath("runs/x/metrics.jsonl"))
+    assert user_error(missing_run_file, ["fit"]) is None
+    denied = PermissionError(13, "Permission denied", os.path.abspath("runs/x"))
+    assert user_error(denied, ["fit"]) is not None
 
 
 def test_testing_over_many_splits_shows_one_bar_with_the_split_and_the_time_left(digits_fast_args, tmp_path,

@@ -12,13 +12,19 @@ import pytest
 from conftest import run_cli
 from records.measures import error_improvement
 from records.run_files import save_predictions
+from records.splits import CORRUPTIONS as ALL_CORRUPTIONS
 from records.store import append_rows
 from study.report import write_report
 from study.report.figures import FIGURE_ORDER, noise_by_bits
 from study.report.loading import Study
 from study.report.statistics import paired_bootstrap, t_interval
 
-CORRUPTIONS = [c for row in FIGURE_ORDER for c in row if c != "clean"]
+CORRUPTIONS = list(ALL_CORRUPTIONS)
+
+
+def test_figure_2_lays_out_the_clean_set_and_every_corruption_once():
+    assert [c for row in FIGURE_ORDER for c in row] == ["clean", *sorted(ALL_CORRUPTIONS)]
+    assert [len(row) for row in FIGURE_ORDER] == [5, 5, 5, 5]
 
 
 @pytest.mark.parametrize(("q", "expected"), [(79.17, -8.32), (83.94, 2.98), (84.07, 3.33)])
@@ -28,7 +34,8 @@ def test_eq5_reproduces_the_papers_table1(q, expected):
 
 def rows_for(run, method, bits, seed, clean, corrupted_by_name, metric="accuracy"):
     identity = dict(run=run, study="fab", model="resnet20", dataset="cifar10", method=method,
-                    weight_bits=bits if method != "fp32" else 32, act_bits=bits if method != "fp32" else 32, seed=seed)
+                    weight_bits=bits if method != "fp32" else 32, act_bits=bits if method != "fp32" else 32, seed=seed,
+                    epoch=None, step=None)
     rows = [{**identity, "split": "test", "corruption": "clean", "severity": 0, "metric": metric, "value": clean}]
     for name, values in corrupted_by_name.items():
         for severity, value in enumerate(values, start=1):
@@ -132,8 +139,8 @@ def test_diverged_cells_are_reported(tmp_path):
     fabricate(tmp_path, 80.0, {4: 81.0})
     append_rows(tmp_path / "results.jsonl", [dict(run="lsq-w2a2-seed0", study="fab", model="resnet20",
                                                   dataset="cifar10", method="lsq", weight_bits=2, act_bits=2, seed=0,
-                                                  split="train", corruption="none", severity=0, metric="diverged",
-                                                  value=123.0)])
+                                                  epoch=0, step=123, split="train", corruption="none",
+                                                  severity=0, metric="diverged", value=123.0)])
     text = write_report(tmp_path, log_to_wandb=False).read_text()
     assert "diverged at step 123" in text and "lsq-w2a2-seed0 (step 123)" in text
 
@@ -154,13 +161,15 @@ def test_mechanism_section_from_train_theorem_and_noise_rows(tmp_path):
     extra = []
     for run, method, bits, train_acc in (("fp32-seed0", "fp32", 32, 99.0), ("lsq-w8a8-seed0", "lsq", 8, 97.0)):
         identity = dict(run=run, study="fab", model="resnet20", dataset="cifar10", method=method, weight_bits=bits,
-                        act_bits=bits, seed=0, split="train", corruption="none", severity=0)
+                        act_bits=bits, seed=0, epoch=None, step=None,
+                        split="train", corruption="none", severity=0)
         extra += [{**identity, "metric": "accuracy", "value": train_acc},
                   {**identity, "metric": "sharpness", "value": 0.25}, {**identity, "metric": "hessian_trace",
                                                                          "value": 40.0}]
     for bits, variance in ((2, 1e-3), (8, 4e-6)):
         identity = dict(run="fp32-seed0", study="fab", model="resnet20", dataset="cifar10", method="fp32",
-                        weight_bits=bits, act_bits=32, seed=0, split="train", corruption="none", severity=0)
+                        weight_bits=bits, act_bits=32, seed=0, epoch=None, step=None,
+                        split="train", corruption="none", severity=0)
         extra += [{**identity, "metric": "theorem_noise_variance", "value": variance},
                   {**identity, "metric": "theorem_mc_increase", "value": 0.5 * bits},
                   {**identity, "metric": "theorem_hessian_term", "value": 0.4 * bits}]

@@ -49,6 +49,8 @@ def test_measures_by_hand():
     # errors summed over severities: fog 80 vs 100, snow 115 vs 100 -> (0.80 + 1.15) / 2
     assert mean_corruption_error(lsq, fp32) == pytest.approx(97.5)
     assert mean_corruption_error(fp32, fp32) == pytest.approx(100.0)
+    # mCE is over the 15 benchmark corruptions: spatter (one of the 4 extra) does not move it
+    assert mean_corruption_error({**lsq, "spatter/1": 10.0}, {**fp32, "spatter/1": 90.0}) == pytest.approx(97.5)
     assert relative_robustness(fp32) == pytest.approx(100 * 80.0 / 90.0)
     assert relative_robustness(lsq) == pytest.approx(100 * 80.5 / 95.0)
 
@@ -65,8 +67,7 @@ def test_robustness_table_side_by_side_and_which_measures_agree(tmp_path):
     assert lsq["mCE % (FP32 = 100)"] == "97.50"
     assert lsq["Eq. 5"] == f"{100 * math.log10(20 / 19.5):+.2f}" == "+1.10"
     assert lsq["weights: epoch / step"] == "11 / 132" and fp32["mCE % (FP32 = 100)"] == "100.00"
-    assert lsq["the measures say"] == ("more robust: corrupted delta, mCE - 100, Eq. 5; "
-                                       "less robust: relative robustness delta")
+    assert lsq["the measures say"] == "more robust: corrupted delta, mCE; less robust: relative robustness delta"
     assert "all measures agree for 0 of 1 quantized runs" in text
     assert "cover test-image sampling only, not training randomness" in text  # one seed
     assert "# Study report: hand" in text  # the study's name, not the folder's
@@ -146,6 +147,20 @@ def test_a_cut_off_metrics_line_is_one_line(tmp_path, capsys):
     assert f"{path}:2" in error
 
 
+def test_a_report_that_fails_on_a_damaged_file_leaves_the_previous_report_as_it_was(tmp_path, capsys):
+    hand_store(tmp_path)
+    write_report(tmp_path, log_to_wandb=False)
+    before = {p: p.read_bytes() for p in (tmp_path / "report").rglob("*") if p.is_file()}
+    path = tmp_path / "cells" / "lsq-w4a4-seed0" / "metrics.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"epoch": 0, "val/lo')
+    capsys.readouterr()
+    assert run_cli("report", str(tmp_path), "--wandb", "false") == 2
+    assert f"{path}:1" in capsys.readouterr().err
+    after = {p: p.read_bytes() for p in (tmp_path / "report").rglob("*") if p.is_file()}
+    assert after == before
+
+
 def test_a_truncated_predictions_file_is_one_line(tmp_path, capsys):
     hand_store(tmp_path)
     path = tmp_path / "cells" / "fp32-seed0" / "predictions.npz"
@@ -169,3 +184,18 @@ def test_predictions_that_do_not_match_their_rows_are_one_line(tmp_path, capsys,
     save_predictions(path, bad)
     error = report_error(tmp_path, capsys)
     assert str(path) in error
+
+
+def test_table1_eq5_uses_the_same_seed_pairs_as_the_delta(tmp_path):
+    """FP32 seeds 0/1/2 at 80/82/84, LSQ only seed 0 at 81: against its own seed LSQ is +1 pp, so Eq. 5 must be
+    positive too (averaging every FP32 seed, 82, would have made it negative)."""
+    found = []
+    for seed, fp in enumerate((80.0, 82.0, 84.0)):
+        found += rows(f"fp32-seed{seed}", "fp32", 32, seed, 90.0, {"fog": [fp] * 5})
+    found += rows("lsq-w4a4-seed0", "lsq", 4, 0, 90.0, {"fog": [81.0] * 5})
+    append_rows(tmp_path / "results.jsonl", found)
+    write_report(tmp_path, log_to_wandb=False)
+    with open(tmp_path / "report" / "table1.csv") as handle:
+        lsq = next(row for row in csv.DictReader(handle) if row["method"] == "lsq")
+    assert lsq["corrupted delta [95% CI]"].startswith("+1.00")
+    assert float(lsq["Eq. 5 error improvement"]) == pytest.approx(100 * math.log10(20 / 19), abs=0.005)

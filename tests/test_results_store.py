@@ -13,7 +13,7 @@ from records.store import FIELDS, ResultsStoreError, append_rows, read_rows
 
 def row(**overrides):
     base = dict(run="r", study="s", model="resnet20", dataset="digits", method="lsq", weight_bits=4, act_bits=4,
-                seed=0, split="test", corruption="clean", severity=0, metric="accuracy", value=97.5)
+                seed=0, epoch=11, step=132, split="test", corruption="clean", severity=0, metric="accuracy", value=97.5)
     return {**base, **overrides}
 
 

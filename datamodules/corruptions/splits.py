@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +24,8 @@ import numpy as np
 from datamodules.array_cache import digest_path, load_array, save_array
 from datamodules.corruptions.engine import corrupt, engine_fingerprint
 from datamodules.errors import DataError
-from records.splits import (
-    CORRUPTIONS,
-    SEVERITIES,
-    split_name,  # noqa: F401 - where the VOC DataModule imports it from
-)
+from records.splits import CORRUPTIONS, SEVERITIES
+from records.store import write_atomically
 
 RELEASE_IMAGES_PER_SEVERITY = 10_000
 
@@ -125,13 +120,8 @@ class CorruptionCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         for stale in [*self.directory.glob("*.npy"), *self.directory.glob("*.digest")]:
             stale.unlink()  # a folder whose manifest differs is never trusted
-        text = json.dumps(self.manifest, indent=2, sort_keys=True).encode()
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.directory / "manifest.json")
+        write_atomically(self.directory / "manifest.json",
+                         json.dumps(self.manifest, indent=2, sort_keys=True).encode())
 
     def load(self, corruption: str, severity: int) -> np.ndarray:
         """The corrupted split, generated and saved first if missing, damaged or foreign (memory-mapped when

@@ -13,10 +13,7 @@
   `synthetic_boxes.py`).
 """
 
-from datamodules.detection.augment import Augmentation
-from datamodules.detection.datamodule import DetectionDataModule
-from datamodules.detection.dataset import DetectionDataset, detection_collate
-from datamodules.detection.records import (
+from datamodules.detection.annotations import (
     MAX_STRIDE,
     PAD_VALUE,
     DetectionRecord,
@@ -24,6 +21,9 @@ from datamodules.detection.records import (
     letterbox,
     read_image,
 )
+from datamodules.detection.augment import Augmentation
+from datamodules.detection.datamodule import DetectionDataModule
+from datamodules.detection.dataset import DetectionDataset, detection_collate
 
 __all__ = [
     "MAX_STRIDE",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import cv2
 
-from datamodules.detection.records import PAD_VALUE
+from datamodules.detection.annotations import PAD_VALUE
 from datamodules.errors import DataError
 
 MOSAIC_KEY = "mosaic_metadata"

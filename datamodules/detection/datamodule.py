@@ -11,11 +11,12 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.base import loader_generator, resumable_train_sampler
-from datamodules.corruptions.splits import CorruptedTest, split_name
+from datamodules.corruptions.splits import CorruptedTest
+from datamodules.detection.annotations import MAX_STRIDE, DetectionRecord, read_image
 from datamodules.detection.augment import Augmentation
 from datamodules.detection.dataset import DetectionDataset, detection_collate
-from datamodules.detection.records import MAX_STRIDE, DetectionRecord, read_image
 from datamodules.errors import DataError
+from records.splits import CLEAN, split_name
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +85,13 @@ class DetectionDataModule(L.LightningDataModule):
                                               on_bad_image=self.on_bad_image)
             self.val_set = DetectionDataset(records["val"], self.image_size, self.load_image,
                                             on_bad_image=self.on_bad_image, evaluation=True)
-            self.test_sets = {"clean": DetectionDataset(records["test"], self.image_size, self.load_image,
+            self.test_sets = {CLEAN: DetectionDataset(records["test"], self.image_size, self.load_image,
                                                         on_bad_image=self.on_bad_image, evaluation=True)}
         if stage in (None, "test") and len(self.test_sets) == 1:
             settings = self.corrupted_test
             if settings.cache_dir and settings.splits():
                 log.info("detection test images are corrupted on the fly; corrupted_test.cache_dir is not used")
-            clean = self.test_sets["clean"]
+            clean = self.test_sets[CLEAN]
             for corruption, severity in settings.splits():
                 self.test_sets[split_name(corruption, severity)] = clean.with_corruption(
                     corruption, severity, settings.profile, settings.seed
@@ -107,7 +108,7 @@ class DetectionDataModule(L.LightningDataModule):
     @property
     def test_split_names(self) -> list[str]:
         """Names of the test dataloaders, in dataloader_idx order."""
-        return list(self.test_sets) or ["clean"]
+        return list(self.test_sets) or [CLEAN]
 
     def _loader(self, dataset: Dataset, batch_size: int, workers: int, persistent: bool,
                 sampler: Sampler | None = None) -> DataLoader:
@@ -132,5 +133,5 @@ class DetectionDataModule(L.LightningDataModule):
         return [self._loader(ds, self.eval_batch_size, workers, False) for ds in self.test_sets.values()]
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_sets["clean"], self.eval_batch_size, self.num_workers, False)
+        return self._loader(self.test_sets[CLEAN], self.eval_batch_size, self.num_workers, False)
 

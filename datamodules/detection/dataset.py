@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.corruptions.engine import corrupt
+from datamodules.detection.annotations import DetectionRecord, ImageDecodeError, letterbox, read_image
 from datamodules.detection.augment import MOSAIC_KEY, Augmentation
-from datamodules.detection.records import DetectionRecord, ImageDecodeError, letterbox, read_image
 from datamodules.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -40,6 +40,7 @@ class AnchorYOLOLoss:
         if len(balance) != detect.nl:
             raise ValueError(f"{len(balance)} objectness weights for {detect.nl} levels")
         self.detect = detect
+        self.first_stride = int(detect.stride[0])  # read once: a device buffer read per step is a host sync
         self.box, self.obj, self.cls = box, obj, cls
         self.anchor_t = anchor_t
         self.balance = balance
@@ -54,27 +55,27 @@ class AnchorYOLOLoss:
     def __call__(self, preds, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raw = preds[1] if isinstance(preds, tuple) else preds
         targets = torch.cat((batch["batch_idx"].view(-1, 1), batch["cls"].view(-1, 1), batch["bboxes"].view(-1, 4)),
-                            1).to(raw[0].device, raw[0].dtype)
-        image_size = raw[0].shape[3] * int(self.detect.stride[0])
+                            1).to(raw[0].device, torch.float32)  # assignment in float32 whatever autocast does
+        image_size = raw[0].shape[3] * self.first_stride
         box_gain, obj_gain, cls_gain = self.gains(image_size)
         device = raw[0].device
         lbox, lobj, lcls = (torch.zeros((), device=device) for _ in range(3))
         for level, p in enumerate(raw):
             images, anchors, gj, gi, target_box, target_cls = self.assign(level, p.shape, targets)
-            target_obj = torch.zeros(p.shape[:4], dtype=p.dtype, device=device)
+            target_obj = torch.zeros(p.shape[:4], dtype=torch.float32, device=device)
             if len(images):
-                chosen = p[images, anchors, gj, gi]
+                chosen = p[images, anchors, gj, gi].float()
                 pxy = chosen[:, :2].sigmoid() * 2 - 0.5
                 pwh = (chosen[:, 2:4].sigmoid() * 2) ** 2 * self.detect.anchors[level][anchors]
                 predicted = box_convert(torch.cat((pxy, pwh), 1), "cxcywh", "xyxy")
                 ciou_loss = complete_box_iou_loss(predicted, box_convert(target_box, "cxcywh", "xyxy"))
                 lbox = lbox + ciou_loss.mean()
-                target_obj[images, anchors, gj, gi] = (1.0 - ciou_loss).detach().clamp(0).to(p.dtype)
+                target_obj[images, anchors, gj, gi] = (1.0 - ciou_loss).detach().clamp(0)
                 if self.detect.nc > 1:
                     one_hot = torch.zeros_like(chosen[:, 5:])
                     one_hot[torch.arange(len(target_cls), device=device), target_cls] = 1.0
                     lcls = lcls + self.bce(chosen[:, 5:], one_hot)
-            lobj = lobj + self.bce(p[..., 4], target_obj) * self.balance[level]
+            lobj = lobj + self.bce(p[..., 4].float(), target_obj) * self.balance[level]
         parts = torch.stack((lbox * box_gain, lobj * obj_gain, lcls * cls_gain))
         return parts * raw[0].shape[0], dict(zip(LOSS_NAMES, parts.detach(), strict=True))
 

@@ -123,7 +123,7 @@ class AnchorDetect(nn.Module):
             for conv, stride in zip(self.m, self.stride.tolist(), strict=True):
                 bias = conv.bias.view(self.na, -1)
                 bias[:, 4] += math.log(8 / (640 / stride) ** 2)
-                bias[:, 5:] += math.log(0.6 / (self.nc - 0.99))
+                bias[:, 5:] += math.log(0.6 / (self.nc - 0.99999))
 
     def _grid(self, level: int, ny: int, nx: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (level, ny, nx, like.device, like.dtype)
@@ -145,8 +145,8 @@ class AnchorDetect(nn.Module):
         decoded = []
         for i, p in enumerate(raw):
             batch, _, ny, nx, _ = p.shape
-            grid, anchor = self._grid(i, ny, nx, p)
-            y = p.sigmoid()
+            y = p.float().sigmoid()  # decoded in float32: bfloat16 would round 640 px boxes by several pixels
+            grid, anchor = self._grid(i, ny, nx, y)
             xy = (y[..., :2] * 2 - 0.5 + grid) * self.stride[i]
             wh = (y[..., 2:4] * 2) ** 2 * anchor
             scores = y[..., 4:5] if self.nc == 1 else y[..., 5:] * y[..., 4:5]

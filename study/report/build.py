@@ -20,7 +20,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from quantizers import method_label
+from quantizers import FLOAT_BITS, method_label, precision_label
+from quantizers.methods import FP32
 from records.measures import error_improvement
 from records.splits import CLEAN
 from records.store import write_atomically
@@ -37,7 +38,7 @@ from study.report.figures import (
     severity_figure,
 )
 from study.report.loading import CellResult, Study
-from study.report.statistics import Delta, paired_delta, robustness_rows, unpaired
+from study.report.statistics import Delta, paired_delta, pairs, robustness_rows, unpaired
 from study.report.wandb_log import log_report
 
 
@@ -47,6 +48,11 @@ def write_report(study_dir: str | Path, log_to_wandb: bool = True) -> Path:
     if not study_dir.is_dir():
         raise StudyError(f"no study folder at {study_dir}")
     study = Study(study_dir)
+    # Every file the report reads is read and checked before anything is written: a damaged one ends the
+    # report with one line and leaves the previous report (figures included) as it was.
+    for cell in study.cells:
+        study.epochs(cell)
+        study.predictions(cell)
     out = study_dir / "report"
     figures = out / "figures"
     table1: list[list[Any]] = []
@@ -68,7 +74,7 @@ def write_report(study_dir: str | Path, log_to_wandb: bool = True) -> Path:
             continue
         fp_acc = markdown.mean_of([b.corrupted_mean() for b in baselines])
         curves_fp = [study.epochs(b) for b in baselines]
-        table1.append([model, dataset, "fp32", "FP32", len(baselines),
+        table1.append([model, dataset, FP32, precision_label(FP32, FLOAT_BITS, FLOAT_BITS), len(baselines),
                        markdown.fmt(markdown.mean_of([b.scores.get(CLEAN) for b in baselines])), "",
                        markdown.fmt(fp_acc), "", "0.00", min_loss_epoch(curves_fp) or ""])
         rows = robustness_rows(study, experiment)
@@ -91,7 +97,7 @@ def write_report(study_dir: str | Path, log_to_wandb: bool = True) -> Path:
                     if found is not None:
                         delta_rows.append([model, dataset, method, bits, corruption, markdown.fmt(found.mean, 3),
                                            markdown.fmt(found.low, 3), markdown.fmt(found.high, 3)])
-                table1.append(_table1_row(study, experiment, method, bits, cells, baselines, fp_acc,
+                table1.append(_table1_row(study, experiment, method, bits, cells, baselines,
                                           panels[bits].get(CLEAN), min_loss_epoch(curves[bits])))
             label = method_label(method)
             title = f"{model} on {dataset}, {label}: quantized - FP32 accuracy (pp)"
@@ -128,7 +134,7 @@ def write_report(study_dir: str | Path, log_to_wandb: bool = True) -> Path:
 
 
 def _table1_row(study: Study, experiment, method: str, bits: str, cells: list[CellResult],
-                baselines: list[CellResult], fp_acc: float, clean: Delta | None, onset: int | None) -> list[Any]:
+                baselines: list[CellResult], clean: Delta | None, onset: int | None) -> list[Any]:
     model, dataset = experiment
     finished = [c for c in cells if c.scores]
     if not finished:
@@ -137,7 +143,11 @@ def _table1_row(study: Study, experiment, method: str, bits: str, cells: list[Ce
         return [model, dataset, method, bits, 0, note, "", "", "", "", ""]
     q_acc = markdown.mean_of([c.corrupted_mean() for c in finished])
     corrupted = paired_delta(study, finished, baselines, None)
-    improvement = error_improvement(fp_acc, q_acc) if not math.isnan(q_acc + fp_acc) else math.nan
+    # Eq. 5 on the same seed pairs as the delta beside it: an unpaired run (its FP32 seed missing) would let
+    # the two columns disagree in sign.
+    paired = pairs(finished, baselines)
+    improvement = error_improvement(markdown.mean_of([b.corrupted_mean() for _, b in paired]),
+                                    markdown.mean_of([q.corrupted_mean() for q, _ in paired])) if paired else math.nan
     return [model, dataset, method, bits, len(finished),
             markdown.fmt(markdown.mean_of([c.scores.get(CLEAN) for c in finished])),
             "" if clean is None else f"{clean.mean:+.2f}", markdown.fmt(q_acc), markdown.with_interval(corrupted),

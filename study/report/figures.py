@@ -12,17 +12,14 @@ import numpy as np
 
 from quantizers import method_colour, method_label
 from records.measures import severity_means
-from records.splits import CLEAN, SEVERITIES
+from records.splits import CLEAN, CORRUPTIONS, SEVERITIES
 from records.store import write_atomically
 from study.report.loading import CellResult, Study
 from study.report.statistics import Delta, paired_delta
 
-FIGURE_ORDER = (
-    ("clean", "brightness", "contrast", "defocus_blur", "elastic_transform"),
-    ("fog", "frost", "gaussian_blur", "gaussian_noise", "glass_blur"),
-    ("impulse_noise", "jpeg_compression", "motion_blur", "pixelate", "saturate"),
-    ("shot_noise", "snow", "spatter", "speckle_noise", "zoom_blur"),
-)  # the paper's Figure 3a layout
+# The paper's Figure 3a layout: the clean set, then the 19 corruptions alphabetically, in rows of 5.
+_PANELS = (CLEAN, *sorted(CORRUPTIONS))
+FIGURE_ORDER = tuple(_PANELS[row:row + 5] for row in range(0, len(_PANELS), 5))
 PALETTE = ["tab:red", "tab:orange", "tab:green", "tab:blue", "tab:purple", "tab:brown"]
 MARKERS = "osD^vP*Xhp<>"
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 
 from quantizers import FLOAT_BITS, precision_label
-from records.measures import mean_corrupted
+from quantizers.methods import FP32
+from records.measures import SCORE_METRICS, mean_corrupted
 from records.run_files import METRICS_FILE, PREDICTIONS_FILE, check_predictions, load_predictions, read_epoch_metrics
 from records.splits import CLEAN, corruption_of, split_name
 from records.store import RESULTS_FILE, ResultsStoreError, read_rows
 from study.grid import StudyError
 
-SCORES = ("accuracy", "map50")  # the per-split score of a classification / detection cell, in percent
-FP32 = "fp32"
+SCORES = SCORE_METRICS
 
 
 @dataclass

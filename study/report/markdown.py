@@ -76,11 +76,12 @@ def robustness_text(rows: list[Robustness], seeds: int) -> list[str]:
         "corrupted accuracy, independent ImageNet-C studies of DoReFa / PACT / LSQ (e.g. Xiao et al. 2023) relative "
         "robustness and mCE, and find low bit widths *less* robust. Here all of them, per run, against the FP32 run "
         "of the same seed: the mean corrupted accuracy and its delta (pp); relative robustness = 100 x mean "
-        "corrupted / clean accuracy (the classification analogue of rPC) and its delta; mCE = the mean over "
-        "corruptions of the run's error summed over severities divided by FP32's (%, FP32 = 100, lower is more "
-        "robust); Eq. 5. The corrupted delta and Eq. 5 always share a sign (Eq. 5 is monotone in the delta of the "
-        "same two accuracies); relative robustness can disagree, since it discounts a change of clean accuracy, and "
-        "mCE weighs each corruption by FP32's error on it.",
+        "corrupted / clean accuracy (the classification analogue of rPC) and its delta; mCE = the mean over the 15 "
+        "benchmark corruptions of the run's error summed over severities divided by FP32's (%, FP32 = 100, lower is "
+        "more robust); Eq. 5. The corrupted delta and Eq. 5 always share a sign (Eq. 5 is monotone in the delta of "
+        "the same two accuracies), so the sign vote counts three measures: the corrupted delta, relative robustness "
+        "(which can disagree, since it discounts a change of clean accuracy) and mCE (which weighs each benchmark "
+        "corruption by FP32's error on it).",
         "",
     ]
     if quantized:
