@@ -141,8 +141,11 @@ def deploy_network(net: nn.Module) -> tuple[nn.Module, list[LayerExport]]:
     return deployed, layers
 
 
-def _output_names(outputs) -> list[str]:
-    count = len(outputs) if isinstance(outputs, list | tuple) else 1
+def _output_names(net: nn.Module, count: int) -> list[str]:
+    """The network's own names for its outputs (`output_names`, e.g. the detector's) or output / output_<i>."""
+    names = getattr(net, "output_names", None)
+    if isinstance(names, list | tuple) and len(names) == count and all(isinstance(n, str) for n in names):
+        return list(names)
     return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
 
 
@@ -161,7 +164,7 @@ def onnx_bytes(deployed: nn.Module, example: torch.Tensor) -> tuple[bytes, list[
     """The deploy network as a serialized ONNX model (opset 21) with a dynamic batch dimension."""
     with torch.no_grad():
         outputs = flat_outputs(deployed(example))
-    names = _output_names(outputs)
+    names = _output_names(deployed, len(outputs))
     # torch.export specialises a dimension of size 1; two images keep the batch dimension symbolic.
     example = example[:1].expand(2, *example.shape[1:]).contiguous() if example.shape[0] < 2 else example
     with warnings.catch_warnings():

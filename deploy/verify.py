@@ -14,13 +14,38 @@ from deploy.onnx_qdq import INPUT_NAME, flat_outputs
 
 
 @dataclass(frozen=True)
+class OutputDifference:
+    """One output of the graph against the same output of the PyTorch model."""
+
+    name: str
+    max_difference: float  # largest |difference| over its values
+    output_range: float  # largest |value| of the PyTorch output, for scale
+
+    @property
+    def relative(self) -> float:
+        return self.max_difference / self.output_range if self.output_range else self.max_difference
+
+
+@dataclass(frozen=True)
 class Agreement:
     """How an exported model's outputs compare with the PyTorch model's on the same images."""
 
     images: int
-    max_difference: float  # largest |difference| over every output value
-    output_range: float  # largest |value| of the PyTorch outputs, for scale
+    outputs: tuple[OutputDifference, ...]
     top1_agreement: float | None  # fraction of images with the same argmax (classifiers: one (N, C) output)
+
+    @property
+    def max_difference(self) -> float:
+        return max(output.max_difference for output in self.outputs)
+
+    @property
+    def output_range(self) -> float:
+        return max(output.output_range for output in self.outputs)
+
+    @property
+    def worst_relative_difference(self) -> float:
+        """The largest difference as a fraction of its own output's range, over the outputs."""
+        return max(output.relative for output in self.outputs)
 
     def describe(self) -> str:
         parts = [f"on {self.images} images"]
@@ -29,7 +54,8 @@ class Agreement:
             parts.append(f"top-1 agreement {same}/{self.images} ({100 * self.top1_agreement:.2f} %)")
             parts.append(f"largest logit difference {self.max_difference:.3g} (logits up to {self.output_range:.3g})")
         else:
-            parts.append(f"largest output difference {self.max_difference:.3g} (outputs up to {self.output_range:.3g})")
+            parts.append("largest difference " + ", ".join(
+                f"{o.name} {o.max_difference:.3g} (values up to {o.output_range:.3g})" for o in self.outputs))
         return ", ".join(parts)
 
 
@@ -80,9 +106,10 @@ def compare(path: str | Path, net: nn.Module, images: torch.Tensor, batch_size: 
         net.train(was_training)
     reference = [np.concatenate(parts) for parts in zip(*theirs, strict=True)]
     exported = [np.concatenate(parts) for parts in zip(*ours, strict=True)]
-    difference = max(float(np.abs(a - b).max()) for a, b in zip(reference, exported, strict=True))
-    output_range = max(float(np.abs(a).max()) for a in reference)
+    names = [output.name for output in runtime.get_outputs()]
+    outputs = tuple(OutputDifference(name, float(np.abs(a - b).max()), float(np.abs(a).max()))
+                    for name, a, b in zip(names, reference, exported, strict=True))
     top1 = None
     if len(reference) == 1 and reference[0].ndim == 2:
         top1 = float((reference[0].argmax(1) == exported[0].argmax(1)).mean())
-    return Agreement(len(images), difference, output_range, top1)
+    return Agreement(len(images), outputs, top1)

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import REPO
@@ -71,12 +72,17 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
     assert epoch_metrics(resumed) == epoch_metrics(reference)
 
 
-def test_sigterm_mid_epoch_and_sigkill_after_a_checkpoint_resume_exactly(tmp_path):
-    reference = tmp_path / "uninterrupted"
-    finish(start(reference))
-    assert sorted(epoch_metrics(reference)) == list(range(EPOCHS))
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run both interruptions are compared with."""
+    run = tmp_path_factory.mktemp("resume") / "uninterrupted"
+    finish(start(run))
+    assert sorted(epoch_metrics(run)) == list(range(EPOCHS))
+    return run
 
-    # SIGTERM in the middle of epoch 1: Lightning stops after the current batch, qreg saves last.ckpt there.
+
+def test_sigterm_mid_epoch_resumes_exactly(reference, tmp_path):
+    """SIGTERM in the middle of epoch 1: Lightning stops after the current batch, qreg saves last.ckpt there."""
     stopped = tmp_path / "sigterm"
     process = start(stopped)
     wait_until(lambda: epochs_written(stopped) >= 1)
@@ -88,7 +94,10 @@ def test_sigterm_mid_epoch_and_sigkill_after_a_checkpoint_resume_exactly(tmp_pat
     finish(start(stopped, "--ckpt_path", str(stopped / "checkpoints" / "last.ckpt")))
     assert_same_run(stopped, reference)
 
-    # SIGKILL during epoch 1: nothing is saved; the run resumes from the end-of-epoch-0 checkpoint.
+
+@pytest.mark.slow  # the easier case (an end-of-epoch checkpoint); the fast suite resumes after SIGKILL in test_study
+def test_sigkill_after_a_checkpoint_resumes_exactly(reference, tmp_path):
+    """SIGKILL during epoch 1: nothing is saved; the run resumes from the end-of-epoch-0 checkpoint."""
     killed = tmp_path / "sigkill"
     process = start(killed)
     wait_until(lambda: epochs_written(killed) >= 1 and (killed / "checkpoints" / "last.ckpt").exists())

@@ -56,8 +56,8 @@ output_dir: {folder / 'out'}
 corruption_workers: 1
 args: ["--trainer.max_epochs", "3", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1",
        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-       "--data.init_args.corrupted_test.corruptions", "[fog]", "--data.init_args.corrupted_test.severities", "[3]"
-       {extra_args}]
+       "--data.init_args.corrupted_test.corruptions", "[fog]", "--data.init_args.corrupted_test.severities", "[3]",
+       "--flatness.enabled", "false"{extra_args}]
 """)
     return study
 
@@ -92,13 +92,16 @@ def test_slurm_executor_writes_a_job_array(tmp_path, capsys):
     assert not (tmp_path / "out" / "cells").exists()  # nothing ran
 
 
-def test_study_killed_mid_cell_resumes_without_rerunning_or_duplicating(tmp_path):
-    """Kill the study (SIGKILL) while its second cell trains; restart it; every cell ends with one set of rows."""
+def test_study_killed_mid_cell_resumes_without_rerunning_or_duplicating(tmp_path, capsys, monkeypatch):
+    """Kill the study (SIGKILL) while its second cell trains; restart it; every cell ends with one set of rows.
+
+    The killed study is a process of its own; the restarts run in this one (their cells are processes still),
+    which saves two interpreter start-ups."""
     study = write_study(tmp_path, "[{method: fp32}, {method: lsq, bits: [4]}]")
     out = tmp_path / "out"
-    env = {**os.environ, "WANDB_MODE": "disabled"}
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     command = [sys.executable, "cli.py", "study", "--config", str(study), "--report", "false"]
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     second_cell = out / "cells" / "lsq-w4a4-seed0"
     deadline = time.time() + 600
@@ -111,10 +114,11 @@ def test_study_killed_mid_cell_resumes_without_rerunning_or_duplicating(tmp_path
     assert {r["run"] for r in rows} == {"fp32-seed0"}  # the killed cell left no rows
     finished_first = (out / "cells" / "fp32-seed0" / "metrics.jsonl").read_text()
 
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "resuming from its checkpoint" in done.stdout
-    assert "fp32-seed0" in done.stdout and "skipped" in done.stdout
+    capsys.readouterr()
+    assert run_cli(*command[2:]) == 0
+    printed = capsys.readouterr().out
+    assert "resuming from its checkpoint" in printed
+    assert "fp32-seed0" in printed and "skipped" in printed
     assert (out / "cells" / "fp32-seed0" / "metrics.jsonl").read_text() == finished_first  # not rerun
     rows = read_rows(out / "results.jsonl")
     keys = [(r["run"], r["split"], r["corruption"], r["severity"], r["metric"]) for r in rows]
@@ -125,6 +129,6 @@ def test_study_killed_mid_cell_resumes_without_rerunning_or_duplicating(tmp_path
     epochs = [line for line in (second_cell / "metrics.jsonl").read_text().splitlines() if line]
     assert len({__import__("json").loads(line)["epoch"] for line in epochs}) == 3
 
-    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("skipped") == 2
+    assert run_cli(*command[2:]) == 0
+    assert capsys.readouterr().out.count("skipped") == 2
     assert len(read_rows(out / "results.jsonl")) == len(rows)

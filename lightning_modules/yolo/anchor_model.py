@@ -210,6 +210,12 @@ class AnchorYOLOv5(nn.Module):
     def stride(self) -> torch.Tensor:
         return self.detect.stride
 
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the eval-mode outputs in order, for an exported graph: the decoded boxes NMS reads, then each
+        level's raw map."""
+        return ["detections"] + [f"raw_stride{int(s)}" for s in self.detect.stride.tolist()]
+
     def forward(self, x: torch.Tensor):
         outputs: dict[int, torch.Tensor] = {}
         for i, (source, module) in enumerate(zip(self.sources, self.model, strict=True)):
