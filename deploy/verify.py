@@ -26,6 +26,43 @@ class OutputDifference:
         return self.max_difference / self.output_range if self.output_range else self.max_difference
 
 
+DETECTIONS = "detections"  # the output a detector names its decoded boxes by (the NMS layout, see output_names)
+
+
+@dataclass(frozen=True)
+class DetectionAgreement:
+    """The detections left after NMS, PyTorch's against the exported model's."""
+
+    score_threshold: float
+    iou_threshold: float
+    reference: int  # PyTorch's detections over all images
+    matched: int  # of those, how many the exported model also made (same class, IoU >= iou_threshold)
+    exported: int  # the exported model's detections over all images
+
+    def describe(self) -> str:
+        return (f"detections after NMS (score >= {self.score_threshold:g}): {self.matched}/{self.reference} of "
+                f"PyTorch's found again (same class, IoU >= {self.iou_threshold:g}), {self.exported} in all")
+
+
+def detection_agreement(reference: np.ndarray, exported: np.ndarray, score_threshold: float = 0.25,
+                        iou_threshold: float = 0.9) -> DetectionAgreement:
+    """Both decoded outputs (B, 4 + classes, boxes) through the same NMS; each PyTorch detection is matched to
+    the exported model's best-overlapping detection of its class in the same image."""
+    from torchvision.ops import box_iou
+
+    from lightning_modules.yolo.nms import non_max_suppression
+
+    ours = non_max_suppression(torch.from_numpy(reference), conf_threshold=score_threshold)
+    theirs = non_max_suppression(torch.from_numpy(exported), conf_threshold=score_threshold)
+    matched = 0
+    for a, b in zip(ours, theirs, strict=True):
+        if len(a) and len(b):
+            same_class = a[:, 5:6] == b[:, 5].unsqueeze(0)
+            overlap = box_iou(a[:, :4], b[:, :4]) * same_class
+            matched += int((overlap.max(1).values >= iou_threshold).sum())
+    return DetectionAgreement(score_threshold, iou_threshold, sum(map(len, ours)), matched, sum(map(len, theirs)))
+
+
 @dataclass(frozen=True)
 class Agreement:
     """How an exported model's outputs compare with the PyTorch model's on the same images."""
@@ -33,6 +70,7 @@ class Agreement:
     images: int
     outputs: tuple[OutputDifference, ...]
     top1_agreement: float | None  # fraction of images with the same argmax (classifiers: one (N, C) output)
+    detections: DetectionAgreement | None = None  # detectors (an output named `detections`)
 
     @property
     def max_difference(self) -> float:
@@ -56,6 +94,8 @@ class Agreement:
         else:
             parts.append("largest difference " + ", ".join(
                 f"{o.name} {o.max_difference:.3g} (values up to {o.output_range:.3g})" for o in self.outputs))
+        if self.detections is not None:
+            parts.append(self.detections.describe())
         return ", ".join(parts)
 
 
@@ -112,4 +152,8 @@ def compare(path: str | Path, net: nn.Module, images: torch.Tensor, batch_size: 
     top1 = None
     if len(reference) == 1 and reference[0].ndim == 2:
         top1 = float((reference[0].argmax(1) == exported[0].argmax(1)).mean())
-    return Agreement(len(images), outputs, top1)
+    detections = None
+    if DETECTIONS in names:
+        at = names.index(DETECTIONS)
+        detections = detection_agreement(reference[at], exported[at])
+    return Agreement(len(images), outputs, top1, detections)

@@ -338,3 +338,22 @@ def test_cli_export_that_fails_its_check_writes_nothing(lsq_run, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "export check failed" in err[0] and "was not written" in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_detection_agreement_matches_boxes_after_nms_by_class_and_overlap():
+    from deploy.verify import detection_agreement
+
+    # one image, three anchors, two classes: (4 + 2, anchors) with boxes as cx, cy, w, h
+    reference = np.zeros((1, 6, 3), dtype=np.float32)
+    reference[0, :, 0] = [20, 20, 10, 10, 0.9, 0.0]  # class 0
+    reference[0, :, 1] = [60, 60, 10, 10, 0.0, 0.8]  # class 1
+    reference[0, :, 2] = [90, 90, 10, 10, 0.1, 0.0]  # below the score threshold: not a detection
+    same = detection_agreement(reference, reference.copy())
+    assert (same.reference, same.matched, same.exported) == (2, 2, 2)
+
+    moved = reference.copy()
+    moved[0, 0, 0] += 3.0  # IoU 7/13 with the original box
+    moved[0, 4:, 1] = [0.8, 0.0]  # same box, other class
+    differs = detection_agreement(reference, moved)
+    assert (differs.reference, differs.matched, differs.exported) == (2, 0, 2)
+    assert "0/2 of PyTorch's found again" in differs.describe()

@@ -147,7 +147,10 @@ def test_bf16_mixed_fit_through_the_cli(digits_fast_args, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["digits_resnet20_lsq4"])
 def test_bf16_mixed_digits_fit_reaches_90_percent(config, tmp_path):
+    """10 of the config's 30 epochs (the milestones scale with them): on a CPU without native bfloat16 an epoch
+    takes about 55 s here. Measured 2026-12-01: 97.50 % (10:17 in all)."""
     status = run_cli("fit", "--config", f"configs/{config}.yaml", "--trainer.precision", "bf16-mixed",
+                     "--trainer.max_epochs", "10", "--flatness.enabled", "false",
                      "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false",
                      "--data.init_args.corrupted_test.corruptions", "[]")
     assert status == 0

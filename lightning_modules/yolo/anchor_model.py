@@ -212,8 +212,8 @@ class AnchorYOLOv5(nn.Module):
 
     @property
     def output_names(self) -> list[str]:
-        """Names of the eval-mode outputs in order, for an exported graph: the decoded boxes NMS reads, then each
-        level's raw map."""
+        """Names of the eval-mode outputs in order, for an exported graph: the decoded boxes NMS reads
+        (`detections`, which `deploy.verify` compares after NMS), then each level's raw map."""
         return ["detections"] + [f"raw_stride{int(s)}" for s in self.detect.stride.tolist()]
 
     def forward(self, x: torch.Tensor):
