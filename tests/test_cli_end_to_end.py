@@ -85,6 +85,7 @@ def test_cli_runs_as_a_script(tmp_path):
         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
         "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false",
         "--data.init_args.corrupted_test.corruptions", "[motion_blur]",
+        "--flatness.images", "64", "--flatness.samples", "2", "--flatness.hessian_samples", "1",  # on, but small
     ]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -93,3 +94,5 @@ def test_cli_runs_as_a_script(tmp_path):
     splits = {(r["corruption"], r["severity"]) for r in rows if r["split"] == "test"}
     assert splits == {("clean", 0)} | {("motion_blur", severity) for severity in range(1, 6)}
     assert {(r["corruption"], r["severity"]) for r in rows if r["split"] == "train"} == {("none", 0)}
+    train_metrics = {r["metric"] for r in rows if r["split"] == "train"}
+    assert {"sharpness", "hessian_trace"} <= train_metrics  # the flatness measures ran

@@ -15,7 +15,8 @@ import torch
 from conftest import run_cli
 
 
-@pytest.mark.parametrize("method", ["lsq", "pact_dorefa"])
+# PACT's traceable path in the slow tier (35 s each): one compiled method keeps the count in the fast suite.
+@pytest.mark.parametrize("method", ["lsq", pytest.param("pact_dorefa", marks=pytest.mark.slow)])
 def test_compiled_fit_compiles_one_training_graph_and_at_most_one_recompile(method, digits_fast_args,
                                                                              monkeypatch):
     graphs = []
