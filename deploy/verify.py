@@ -26,9 +26,6 @@ class OutputDifference:
         return self.max_difference / self.output_range if self.output_range else self.max_difference
 
 
-DETECTIONS = "detections"  # the output a detector names its decoded boxes by (the NMS layout, see output_names)
-
-
 @dataclass(frozen=True)
 class DetectionAgreement:
     """The detections left after NMS, PyTorch's against the exported model's."""
@@ -70,7 +67,7 @@ class Agreement:
     images: int
     outputs: tuple[OutputDifference, ...]
     top1_agreement: float | None  # fraction of images with the same argmax (classifiers: one (N, C) output)
-    detections: DetectionAgreement | None = None  # detectors (an output named `detections`)
+    detections: DetectionAgreement | None = None  # detectors (an output named DETECTIONS_OUTPUT)
 
     @property
     def max_difference(self) -> float:
@@ -152,8 +149,10 @@ def compare(path: str | Path, net: nn.Module, images: torch.Tensor, batch_size: 
     top1 = None
     if len(reference) == 1 and reference[0].ndim == 2:
         top1 = float((reference[0].argmax(1) == exported[0].argmax(1)).mean())
+    from lightning_modules.yolo.anchor_model import DETECTIONS_OUTPUT
+
     detections = None
-    if DETECTIONS in names:
-        at = names.index(DETECTIONS)
+    if DETECTIONS_OUTPUT in names:
+        at = names.index(DETECTIONS_OUTPUT)
         detections = detection_agreement(reference[at], exported[at])
     return Agreement(len(images), outputs, top1, detections)

@@ -27,6 +27,8 @@ STRIDES = (8, 16, 32)
 # (depth multiple, width multiple) of each size, as in yolov5{n,s,m,l,x}.yaml.
 SCALES = {"n": (0.33, 0.25), "s": (0.33, 0.50), "m": (0.67, 0.75), "l": (1.0, 1.0), "x": (1.33, 1.25)}
 DETECT_LAYER = 24
+# The name an exported graph gives the decoded boxes (eval mode's first output, the layout NMS reads).
+DETECTIONS_OUTPUT = "detections"
 # YOLOv5 sets these on every BatchNorm (its initialize_weights).
 BN_EPS, BN_MOMENTUM = 1e-3, 0.03
 
@@ -213,8 +215,8 @@ class AnchorYOLOv5(nn.Module):
     @property
     def output_names(self) -> list[str]:
         """Names of the eval-mode outputs in order, for an exported graph: the decoded boxes NMS reads
-        (`detections`, which `deploy.verify` compares after NMS), then each level's raw map."""
-        return ["detections"] + [f"raw_stride{int(s)}" for s in self.detect.stride.tolist()]
+        (`DETECTIONS_OUTPUT`, which `deploy.verify` compares after NMS), then each level's raw map."""
+        return [DETECTIONS_OUTPUT] + [f"raw_stride{int(s)}" for s in self.detect.stride.tolist()]
 
     def forward(self, x: torch.Tensor):
         outputs: dict[int, torch.Tensor] = {}

@@ -19,8 +19,6 @@ from records.splits import CLEAN, corruption_of, split_name
 from records.store import RESULTS_FILE, ResultsStoreError, read_rows
 from study.grid import StudyError
 
-SCORES = SCORE_METRICS
-
 
 @dataclass
 class CellResult:
@@ -81,7 +79,7 @@ def load_cells(study_dir: Path) -> tuple[list[CellResult], str | None]:
         raise StudyError(f"cannot report on {study_dir}: {error}") from None
     cells: dict[str, CellResult] = {}
     # A run's identity comes from its evaluation rows; theorem rows reuse weight_bits for the simulated noise.
-    is_primary = [r["metric"] in (*SCORES, "diverged") for r in rows]
+    is_primary = [r["metric"] in (*SCORE_METRICS, "diverged") for r in rows]
     ordered = [r for r, p in zip(rows, is_primary, strict=True) if p] + [
         r for r, p in zip(rows, is_primary, strict=True) if not p]
     for row in ordered:
@@ -95,7 +93,7 @@ def load_cells(study_dir: Path) -> tuple[list[CellResult], str | None]:
             cell.theorem.setdefault(row["weight_bits"], {})[metric] = value
         elif row["split"] == "train":
             cell.train[metric] = value
-        elif metric in SCORES:
+        elif metric in SCORE_METRICS:
             if not (isinstance(value, int | float) and math.isfinite(value) and 0.0 <= value <= 100.0):
                 raise StudyError(f"{path}: run {row['run']} has {metric} {value!r} on split {split}, not a percentage "
                                  "from 0 to 100; fix or delete those rows and rerun the cell's test")
