@@ -15,7 +15,7 @@ import numpy as np
 from datamodules.corruptions.splits import CorruptedTest
 from datamodules.detection import Augmentation, DetectionDataModule, DetectionRecord
 from datamodules.errors import DataError
-from datamodules.yolo_format import class_names_from_data_yaml, yolo_records
+from datamodules.yolo_format import check_yolo_labels, class_names_from_data_yaml, read_utf8, yolo_records
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
@@ -112,8 +112,8 @@ class VOCDataModule(DetectionDataModule):
         for split, names in self.sets.items():
             if not names:
                 raise DataError(f"data.{split}_sets is empty: name at least one image set")
-            for set_name in names:
-                self._check_set(set_name)
+        for set_name in dict.fromkeys(n for names in self.sets.values() for n in names):  # each once (one warning)
+            self._check_set(set_name)
 
     def _detect_layout(self, layout: str) -> str:
         if layout != "auto":
@@ -122,6 +122,10 @@ class VOCDataModule(DetectionDataModule):
             return "yolo"
         if (self.root / "VOCdevkit").is_dir():
             self.root = self.root / "VOCdevkit"
+        elif (self.root / "images").is_dir() and not any(self.root.glob("VOC*")):
+            # else the VOC layout's "has no Annotations/" would name the wrong fix
+            raise DataError(f"{self.root} has images/ but no labels/: the YOLO layout needs labels/<set>/<image "
+                            "name>.txt beside images/<set>/")
         return "voc"
 
     def _voc_folder(self, set_name: str) -> tuple[Path, str]:
@@ -137,6 +141,7 @@ class VOCDataModule(DetectionDataModule):
                 raise DataError(
                     f"no image folder {folder} for set {set_name!r} (YOLO layout: images/<set>, labels/<set>)"
                 )
+            check_yolo_labels(self.root, set_name)  # before a run folder is written, not after training
             return
         folder, image_set = self._voc_folder(set_name)
         for needed in ("Annotations", "JPEGImages"):
@@ -153,7 +158,7 @@ class VOCDataModule(DetectionDataModule):
     def _voc_records(self, set_name: str) -> list[DetectionRecord]:
         folder, image_set = self._voc_folder(set_name)
         listing = folder / "ImageSets" / "Main" / f"{image_set}.txt"
-        ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+        ids = [line.split()[0] for line in read_utf8(listing, "image set list").splitlines() if line.strip()]
         class_index = {name: i for i, name in enumerate(self.class_names)}
         records = []
         for image_id in ids:

@@ -24,7 +24,7 @@ import time
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 
@@ -45,6 +45,15 @@ from records.measures import corruption_means, detection_summary
 
 _EMA_PREFIX = "ema_net."
 _NET_PREFIX = "net."
+
+
+def map_percent(scores: dict[str, torch.Tensor]) -> dict[str, float] | None:
+    """mAP50 and mAP50-95 in percent (like classification accuracy, the report's unit); None where COCO
+    evaluation found no ground truth and returned its -1 "undefined" sentinel, which is not a score."""
+    map50, map50_95 = scores["map_50"].item(), scores["map"].item()
+    if map50 < 0 or map50_95 < 0:
+        return None
+    return {"map50": 100.0 * map50, "map50_95": 100.0 * map50_95}
 
 
 class DetectionModule(TaskModule):
@@ -364,10 +373,15 @@ class DetectionModule(TaskModule):
         self.val_map.update(predictions, targets)
 
     def on_validation_epoch_end(self) -> None:
-        scores = self.val_map.compute()
+        scores = map_percent(self.val_map.compute())
         self.val_map.reset()
-        self.log("val/map50", 100.0 * scores["map_50"].item(), prog_bar=True)
-        self.log("val/map50_95", 100.0 * scores["map"].item())
+        if scores is None:
+            if not getattr(self.trainer, "sanity_checking", False):  # its first batches may be background only
+                rank_zero_warn("the validation images scored have no ground-truth objects: mAP is undefined, "
+                               "not logged")
+            return
+        self.log("val/map50", scores["map50"], prog_bar=True)
+        self.log("val/map50_95", scores["map50_95"])
 
     def on_test_epoch_start(self) -> None:
         self.test_results = {}
@@ -386,11 +400,14 @@ class DetectionModule(TaskModule):
         self.test_map.update(predictions, targets)
 
     def _finish_test_split(self) -> None:
-        scores = self.test_map.compute()
+        scores = map_percent(self.test_map.compute())
         self.test_map.reset()
         name = test_split_names(self.trainer)[self._test_split]
-        # Percent, like classification accuracy (the report's unit).
-        self.test_results[name] = {"map50": 100.0 * scores["map_50"].item(), "map50_95": 100.0 * scores["map"].item()}
+        if scores is None:  # no row at all rather than a -100 % one
+            rank_zero_warn(f"test split {name}: the images scored have no ground-truth objects, so its mAP is "
+                           "undefined; no result is written for it")
+            return
+        self.test_results[name] = scores
 
     def on_test_epoch_end(self) -> None:
         if self._test_split is not None:

@@ -21,6 +21,14 @@ from records.splits import CLEAN, split_name
 log = logging.getLogger(__name__)
 
 
+def refuse_unscorable(split: str, records: Sequence[DetectionRecord]) -> None:
+    """A split scored by mAP needs a ground-truth object: without one COCO evaluation returns -1 ("undefined"),
+    which must not end up as a -100 % result. Refused before training rather than after it."""
+    if not any((~np.asarray(r.difficult, dtype=bool)).any() for r in records):
+        raise DataError(f"the {split} set ({len(records)} images) has no labelled objects (none, or only difficult "
+                        f"ones), so its mAP is undefined: check its label files or data.{split}_sets")
+
+
 class DetectionDataModule(L.LightningDataModule):
     """Train/val/test detection splits, corrupted test splits and their loaders.
 
@@ -79,6 +87,9 @@ class DetectionDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             records = self.load_records()
+            if stage != "predict":
+                for split in ("val", "test"):
+                    refuse_unscorable(split, records[split])
             train = records["train"] if self.train_difficult else [r.without_difficult() for r in records["train"]]
             augmentation = self.augmentation if self.augment else None
             self.train_set = DetectionDataset(train, self.image_size, self.load_image, augmentation,
