@@ -19,10 +19,11 @@ from records.splits import TRAIN
 
 def training_batches(datamodule, images: int, batch_size: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`images` training images drawn class-stratified under the data's split seed (the same for every run;
-    "the first ones" of a class-ordered image folder would be one class), normalised like evaluation batches,
+    "the first ones" of a class-ordered image folder would be one class) and shuffled under it, so that every
+    batch, the first one Eq. 4's term takes included, holds every class; normalised like evaluation batches,
     on `device`."""
     dataset = datamodule.train_set
-    chosen = stratified_indices(dataset.labels, images, getattr(datamodule, "split_seed", 0)).tolist()
+    chosen = stratified_indices(dataset.labels, images, getattr(datamodule, "split_seed", 0), shuffle=True).tolist()
     batches = []
     for start in range(0, len(chosen), batch_size):
         pixels, labels = dataset.__getitems__(chosen[start:start + batch_size])

@@ -9,16 +9,20 @@ task module's class and the data whose test images the export is checked on.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from deploy.errors import ExportError, VerificationFailed
+from deploy.errors import ExportError, ExportStopped, VerificationFailed
 from deploy.grids import activation_grid
 from quantizers import CHECKPOINT_KEY, QuantSpec, quantized_layers
+from records.exits import EXIT_SIGINT, EXIT_SIGTERM
 
 FORMATS = ("onnx", "int")
 # Sections of a fit config that export reads past: they configure training, not the model.
@@ -33,7 +37,8 @@ def add_export_arguments(parser) -> None:
     from callbacks import QuantizationCallback
 
     parser.add_argument("--config", action=ActionConfigFile, help="the run's config (e.g. its config.yaml)")
-    parser.add_subclass_arguments(LightningModule, "model", help="the task module (its class loads the checkpoint)")
+    parser.add_subclass_arguments(LightningModule, "model", required=False,
+                                  help="the task module (its class loads the checkpoint; default: the checkpoint's)")
     parser.add_subclass_arguments(LightningDataModule, "data", required=False,
                                   help="the data whose test images the export is checked on")
     parser.add_class_arguments(QuantizationCallback, "quantization", help="must match the checkpoint's, if set")
@@ -55,13 +60,47 @@ def add_export_arguments(parser) -> None:
                              "(networks without one (N, classes) output, e.g. the detector's boxes and raw heads)")
 
 
-def checkpoint_spec(ckpt_path: Path) -> QuantSpec | None:
-    """The quantization spec a checkpoint carries, or None when it has none (the file checked as every
-    checkpoint qreg reads is: `CheckpointError` names it)."""
+def read(ckpt_path: Path) -> dict[str, Any]:
+    """The checkpoint, checked as every checkpoint qreg reads is (`CheckpointError` names the file)."""
     from callbacks.checkpoint_io import read_checkpoint
 
-    spec = read_checkpoint(ckpt_path, required=("state_dict",)).get(CHECKPOINT_KEY)
+    return read_checkpoint(ckpt_path, required=("state_dict",))
+
+
+def checkpoint_spec(ckpt_path: Path, checkpoint: dict[str, Any] | None = None) -> QuantSpec | None:
+    """The quantization spec a checkpoint carries, or None when it has none."""
+    spec = (read(ckpt_path) if checkpoint is None else checkpoint).get(CHECKPOINT_KEY)
     return None if spec is None else QuantSpec.from_dict(spec)
+
+
+def task_label(model_class: type) -> str:
+    """'classification model (ClassificationModule)', 'detection model (DetectionModule)'."""
+    return f"{model_class.__name__.removesuffix('Module').lower()} model ({model_class.__name__})"
+
+
+def model_class_for(configured: Any, checkpoint: dict[str, Any], ckpt_path: Path) -> type:
+    """The task module class that loads the checkpoint: the config's, which must be the task the checkpoint
+    was trained for (Lightning would refuse another with a long ValueError), else the one the checkpoint names
+    (a fit through cli.py stores it among the hyperparameters)."""
+    from deploy.packed import task_class
+
+    named = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    stored = None
+    if named:
+        try:
+            stored = task_class(named)
+        except ExportError:
+            raise ExportError(f"{ckpt_path} was trained with model class {named!r}, not a qreg task module") from None
+    if configured is None:
+        if stored is None:
+            raise ExportError(f"{ckpt_path} does not name its model class: give the run's config (--config "
+                              "runs/<run>/config.yaml) or --model")
+        return stored
+    wanted = task_class(configured.class_path)
+    if stored is not None and not issubclass(stored, wanted):
+        raise ExportError(f"{ckpt_path} is the checkpoint of a {task_label(stored)} but the config's model is a "
+                          f"{task_label(wanted)}: export it with its own run's config (runs/<run>/config.yaml)")
+    return wanted
 
 
 def resolve_spec(ckpt_path: Path, stored: QuantSpec | None, configured: QuantSpec, export_format: str) -> QuantSpec:
@@ -84,7 +123,7 @@ def resolve_spec(ckpt_path: Path, stored: QuantSpec | None, configured: QuantSpe
 def load_module(model_class: type, ckpt_path: Path):
     try:
         return model_class.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
-    except (RuntimeError, KeyError, TypeError) as error:
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ExportError(f"{ckpt_path} does not fit {model_class.__name__}: {first}") from None
 
@@ -162,16 +201,17 @@ def run_export(config) -> None:
 
     fields = {k: v for k, v in config.quantization.as_dict().items() if not k.startswith("__")}
     configured = QuantizationCallback(**fields).spec
-    spec = resolve_spec(ckpt_path, checkpoint_spec(ckpt_path), configured, config.format)
-    from deploy.packed import task_class
-
-    model_class = task_class(config.model.class_path)
-    module = load_module(model_class, ckpt_path)
-    net = network(module)
+    checkpoint = read(ckpt_path)
+    model_class = model_class_for(config.model, checkpoint, ckpt_path)
+    spec = resolve_spec(ckpt_path, checkpoint_spec(ckpt_path, checkpoint), configured, config.format)
+    del checkpoint
     needs_images = config.format == "onnx" or config.verify
     if needs_images and config.data is None:
-        raise ExportError("the config has no data section: export needs test images (for the graph's input shape "
-                          "and the check)")
+        raise ExportError("no data section: export needs test images (for the graph's input shape and the check); "
+                          "give the run's config (--config runs/<run>/config.yaml)"
+                          + (" or --verify false" if config.format == "int" else ""))
+    module = load_module(model_class, ckpt_path)
+    net = network(module)
     images = None
     if needs_images:
         from jsonargparse import ArgumentParser
@@ -235,11 +275,54 @@ def run_export(config) -> None:
         print(f"rebuilt from the packed file: outputs bitwise identical to the checkpoint's on {same}/{total} images")
 
 
+@contextlib.contextmanager
+def stopped_by_sigterm():
+    """SIGTERM raises `ExportStopped` where the export is, so that the file being written is removed on the way
+    out (`write_atomically` removes its temporary file on any exception); a second one is ignored while that
+    clean-up runs. Yields the list of signals received: an extension module being imported when the signal came
+    turns the exception into an ImportError, which is a stop all the same. Outside the main thread (where no
+    handler can be set) the default action stays."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handle(_number, _frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        received.append("SIGTERM")
+        raise ExportStopped
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(error: BaseException | None) -> bool:
+    """Whether a Ctrl-C (KeyboardInterrupt) is in the exception's chain, however a library wrapped it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, KeyboardInterrupt | ExportStopped):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def main(args: list[str], parser) -> None:
     add_export_arguments(parser)
     config = parser.parse_args(args)
+    received: list[str] = []
     try:
-        run_export(config)
+        with stopped_by_sigterm() as received:
+            run_export(config)
     except VerificationFailed as failure:
         print(f"qreg: export check failed: {failure}", file=sys.stderr)
         raise SystemExit(1) from None
+    except BaseException as error:
+        if not (received or _interrupted(error)):
+            raise
+        name, status = ("SIGTERM", EXIT_SIGTERM) if received else ("Ctrl-C (SIGINT)", EXIT_SIGINT)
+        print(f"qreg: export stopped by {name}; nothing was written to {config.out}", file=sys.stderr)
+        raise SystemExit(status) from None

@@ -7,3 +7,8 @@ class ExportError(ValueError):
 
 class VerificationFailed(RuntimeError):
     """The exported model disagrees with the PyTorch model beyond the accepted tolerance (not the user's fault)."""
+
+
+class ExportStopped(BaseException):
+    """SIGTERM during an export, raised by its signal handler so that the temporary file is removed on the way out
+    (a BaseException, like KeyboardInterrupt: no library's `except Exception` swallows it)."""

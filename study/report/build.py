@@ -172,7 +172,8 @@ def _mechanism_section(study: Study, figures: Path, images: dict[str, Path], ons
     if theorem:
         lines += ["### Theorem 3.1", "", "E[L(w + delta)] - L(w) measured by Monte Carlo with each layer's delta of "
                   "the variance of b-bit quantization noise, beside Eq. 4's gradient-norm term (derived for squared "
-                  "error) and the second-order term 0.5 sum_l sigma_l^2 tr(H_l) (cross-entropy).", "",
+                  "error; on the first batch of the class-stratified, shuffled training images: per-sample "
+                  "Jacobians are costly) and the second-order term 0.5 sum_l sigma_l^2 tr(H_l) (cross-entropy).", "",
                   markdown.table(["run", "bits", "mean sigma^2", "measured increase", "Eq. 4 term",
                                   "0.5 sum sigma^2 tr(H)"], theorem), ""]
     return "\n".join(lines)

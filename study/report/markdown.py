@@ -10,7 +10,7 @@ from typing import Any
 
 from quantizers import method_label
 from records.measures import detection_summary
-from records.splits import CLEAN
+from records.splits import BENCHMARK_CORRUPTIONS, CLEAN, CORRUPTIONS, corruption_of
 from records.store import write_atomically
 from study.report.loading import CellResult, Study
 from study.report.statistics import BOOTSTRAP_SAMPLES, Delta, Robustness, paired_delta
@@ -67,10 +67,30 @@ def robustness_row(found: Robustness) -> list[Any]:
             "0.00" if cell.is_baseline else signed(found.eq5), found.agreement]
 
 
+def corruption_sets(rows: list[Robustness]) -> str:
+    """Which corruptions the table's measures average over, named: mCE's 15 benchmark corruptions and the others'
+    every corruption tested differ as soon as a study tests any of the 4 extra ones (all 19 by default)."""
+    tested = {corruption_of(name) for r in rows for name in r.cell.scores if name != CLEAN}
+    tested_list = [c for c in CORRUPTIONS if c in tested] + sorted(tested - set(CORRUPTIONS))
+    benchmark = [c for c in tested_list if c in BENCHMARK_CORRUPTIONS]
+    extra = [c for c in tested_list if c not in BENCHMARK_CORRUPTIONS]
+    if not tested_list:
+        return ""
+    if not extra:
+        return (f"**Corruption sets.** Every measure here is over the same {len(tested_list)} corruptions, all of them "
+                "benchmark ones: " + ", ".join(tested_list) + ".")
+    return (f"**Corruption sets.** The mean corrupted accuracy, its delta, relative robustness and Eq. 5 are over "
+            f"all {len(tested_list)} corruptions tested ({len(benchmark)} benchmark ones and {', '.join(extra)}); "
+            f"mCE is over the {len(benchmark)} benchmark ones only, leaving out {', '.join(extra)}. So the last "
+            "column's vote compares measures over two different sets of corruptions: a run's accuracy under "
+            f"{', '.join(extra)} moves the corrupted delta and relative robustness, not mCE.")
+
+
 def robustness_text(rows: list[Robustness], seeds: int) -> list[str]:
-    """The section's explanation, and which measures agree in sign."""
+    """The section's explanation, the corruptions each measure is over, and which measures agree in sign."""
     quantized = [r for r in rows if not r.cell.is_baseline and r.signs()]
     agree = [r for r in quantized if len(set(r.signs().values())) == 1]
+    sets = corruption_sets(rows)
     lines = [
         "Robustness measures differ across the literature: the paper and its follow-up report Eq. 5 on mean "
         "corrupted accuracy, independent ImageNet-C studies of DoReFa / PACT / LSQ (e.g. Xiao et al. 2023) relative "
@@ -83,6 +103,7 @@ def robustness_text(rows: list[Robustness], seeds: int) -> list[str]:
         "(which can disagree, since it discounts a change of clean accuracy) and mCE (which weighs each benchmark "
         "corruption by FP32's error on it).",
         "",
+        *([sets, ""] if sets else []),
     ]
     if quantized:
         lines.append(f"**Agreement in sign**: all measures agree for {len(agree)} of {len(quantized)} quantized runs"
@@ -145,17 +166,18 @@ def theorem_rows(study: Study) -> list[list[Any]]:
 
 
 MECHANISM_TEXT = (
-    "Train measures use the first training images without augmentation; sharpness (mean loss increase under random "
-    "weight perturbations of relative size rho) and the Hessian trace (Hutchinson) are taken on the full-precision "
-    "function of each model's weights, the landscape Theorem 3.1 is about. A negative value says those weights are "
-    "not at a minimum of the full-precision loss: expected at 2 bits, where the float weights behind the grid are far "
-    "from the function that was trained. The Hessian trace depends on the weights' scale: a layer followed by "
-    "BatchNorm computes the same function when its weights are multiplied by c, while its Hessian is divided by c^2, "
-    "so runs whose weight norms differ (weight decay, quantizers, training length) compare as flatter or sharper "
-    "without being so; sharpness, relative to each layer's norm, does not have this problem. The noise figure shows "
-    "the mean square of each layer's weight quantization noise (one statistic for every method, the matched-noise "
-    "control included) over the body layers only: the first and last layers, held at their own precision, are "
-    "left out at every bits level."
+    "Train measures use a class-stratified draw of training images without augmentation (the same images for every "
+    "run, drawn and shuffled under the data's split seed, so that no batch of them is a few classes only); sharpness "
+    "(mean loss increase under random weight perturbations of relative size rho) and the Hessian trace (Hutchinson) "
+    "are taken on the full-precision function of each model's weights, the landscape Theorem 3.1 is about. A negative "
+    "value says those weights are not at a minimum of the full-precision loss: expected at 2 bits, where the float "
+    "weights behind the grid are far from the function that was trained. The Hessian trace depends on the weights' "
+    "scale: a layer followed by BatchNorm computes the same function when its weights are multiplied by c, while its "
+    "Hessian is divided by c^2, so runs whose weight norms differ (weight decay, quantizers, training length) compare "
+    "as flatter or sharper without being so; sharpness, relative to each layer's norm, does not have this problem. The "
+    "noise figure shows the mean square of each layer's weight quantization noise (one statistic for every method, the "
+    "matched-noise control included) over the body layers only: the first and last layers, held at their own "
+    "precision, are left out at every bits level."
 )
 
 
