@@ -26,7 +26,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
@@ -36,14 +36,22 @@ import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
 from callbacks import QuantizationCallback, ResultsCallback
 from callbacks.checkpoint import RunCheckpoint
-from callbacks.checkpoint_io import AtomicCheckpointIO, CheckpointError, CheckpointWriteError, read_checkpoint
+from callbacks.checkpoint_io import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    CheckpointWriteError,
+    check_checkpoint_task,
+    read_checkpoint,
+    task_module_class,
+)
 from callbacks.flatness import FlatnessCallback
+from callbacks.resume_changes import ResumeRefused, continued_in_place, resumed_run_folder
 from datamodules.corruptions import CorruptionError
 from datamodules.errors import DataError
 from deploy.errors import ExportError
 from lightning_modules.divergence import TrainingDiverged
 from lightning_modules.models import UnknownModelError
-from quantizers import QuantSpecError
+from quantizers import CHECKPOINT_KEY, QuantSpec, QuantSpecError
 from records.exits import EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR
 from records.store import ResultsStoreError
 from records.wandb_mode import wandb_is_online
@@ -80,7 +88,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigFileError, RunFolderError, NothingToTrain, OptionError, TrainerOptionError, CheckpointError,
     CheckpointWriteError, MisconfigurationException,
     QuantSpecError, DataError, CorruptionError, UnknownModelError, ResultsStoreError, StudyError,
-    ExportError,
+    ExportError, ResumeRefused,
 )
 # Filesystem conditions the user fixes (free space, quota, a read-only mount) wherever they strike; any other
 # OSError is the user's only when it names a file the user named (or one inside it), else it is a bug.
@@ -95,8 +103,20 @@ def _default_run_dir(config: Any, subcommand: str) -> str:
 
     The evaluation of a study cell's checkpoint gets a folder of its own, `<study>/evaluations/<cell>-<ckpt>-
     <time>`: written into the cell's folder, its predictions.npz and results would replace the records the
-    study's report reads."""
+    study's report reads.
+
+    A resume (`fit --ckpt_path <run>/checkpoints/last.ckpt`) continues in the checkpoint's run folder: its
+    config.yaml, metrics.jsonl, results and W&B run (whose id the folder gives) go on, as the interrupted-run
+    message promises; `_check_resume` refuses an earlier checkpoint there (it would rewrite the later history)."""
     ckpt_path = config.get("ckpt_path")
+    if subcommand == "fit" and ckpt_path and ckpt_path not in LIGHTNING_CKPT_NAMES:
+        run = resumed_run_folder(ckpt_path)
+        if run is not None and is_study_cell(run):
+            raise RunFolderError(
+                f"checkpoint {ckpt_path} is study cell {run}'s: resume the study (cli.py study --config <study>) "
+                "to continue the cell, or give --trainer.default_root_dir a new folder for a run of its own")
+        if run is not None:
+            return str(run)
     if subcommand != "fit" and ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
         run = Path(ckpt_path).parent.parent
         if is_study_cell(run):
@@ -169,6 +189,7 @@ def _read_only_fs(path: Path) -> bool:
 
 
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # Lightning resolves these names itself
+RESUME_KEYS = ("hyper_parameters", CHECKPOINT_KEY, "epoch", "global_step")  # what a resume is compared with
 OPTIMIZER_OPTIONS = ("lr", "momentum", "weight_decay", "gamma", "lrf", "warmup_epochs")  # each must be >= 0
 
 
@@ -217,6 +238,23 @@ def check_optimizer_options(model: Any) -> None:
             raise OptionError(f"--model.init_args.{option} must be a finite number >= 0, got {value}")
 
 
+# The precisions every method trains and tests in: float32, or mixed precision (autocast; the quantizers still
+# compute in float32). A "-true" half or double precision casts the network but not the batches the DataModules
+# normalise (float32) nor the quantizers' float32 arithmetic: it would fail on the first batch, after the run
+# folder was made. Lightning's aliases: 32 -> 32-true, 16 -> 16-mixed, bf16 -> bf16-mixed.
+SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+
+
+def check_precision(trainer: Any) -> None:
+    """Refuse, before anything is written, a precision qreg does not compute in (64-true, 16-true, ...)."""
+    precision = trainer.get("precision")
+    if precision is not None and PRECISION_ALIASES.get(str(precision), str(precision)) not in SUPPORTED_PRECISIONS:
+        raise OptionError(f"--trainer.precision {precision} is not supported; qreg computes in "
+                          f"{', '.join(SUPPORTED_PRECISIONS[:-1])} or {SUPPORTED_PRECISIONS[-1]} (16-mixed on a GPU "
+                          "only), every method alike")
+
+
 class _CtrlC:
     """Ctrl-C during a fit or test stops it the way SIGTERM does: at the next batch boundary, where Lightning
     raises SIGTERMException and qreg saves a consistent `last.ckpt` (a KeyboardInterrupt could land inside an
@@ -253,8 +291,14 @@ def _build_parser_classes():
             stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn enum
             if stage != "fit":
                 self.config_filename = f"config-{stage}.yaml"
-            # A resumed fit (ckpt_path given) rewrites the config of the run it continues.
-            self.overwrite = stage != "fit" or self.config.get("ckpt_path") is not None
+            # A resumed fit (ckpt_path given) rewrites the config of the run it continues (the checks before made
+            # sure it is that run's, its accepted changes recorded in resume-changes.yaml); so does a study
+            # restarting its cell from scratch, or a SLURM requeue. A fit into any other run's folder was refused.
+            self.overwrite = (stage != "fit" or self.config.get("ckpt_path") is not None
+                              or continued_in_place(Path(trainer.default_root_dir)) is not None)
+            if "resume_changes" in self.config:  # this command's consent, not the run's config: never inherited by
+                self.config = self.config.clone()  # a later run of this config.yaml (nor read by export)
+                del self.config["resume_changes"]
             super().setup(trainer, pl_module, stage)
 
     class QregCLI(LightningCLI):
@@ -270,13 +314,28 @@ def _build_parser_classes():
                 "--test_after_fit", type=bool, default=True,
                 help="after fit, evaluate the final weights on the test splits and append them to the results",
             )
+            parser.add_argument(
+                "--resume_changes", type=Literal["refuse", "allow"], default="refuse",
+                help="fit --ckpt_path with a config that changes the run (learning rate, data, ...): refuse, or "
+                     "allow: continue with the new values, recorded in the run folder's resume-changes.yaml",
+            )
 
         def _parse_ckpt_path(self) -> None:
             # Lightning reads the checkpoint's hyperparameters here, first of all: validate the file before.
             subcommand = self.config.get("subcommand")
             ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            self._resumed: dict[str, Any] | None = None
             if ckpt_path and ckpt_path not in LIGHTNING_CKPT_NAMES:
-                read_checkpoint(ckpt_path)
+                checkpoint = read_checkpoint(ckpt_path)
+                self._resumed = {key: checkpoint.get(key) for key in RESUME_KEYS}
+                # Lightning would switch to the checkpoint's model class, or fail on its tensors: name both tasks.
+                configured = (self.config[subcommand].get("model") or {}).get("class_path")
+                trained = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+                check_checkpoint_task(ckpt_path, task_module_class(trained), task_module_class(configured),
+                                      subcommand)
+            # Lightning replaces the model's arguments with the checkpoint's: keep those asked for, to compare.
+            model = self.config[subcommand].get("model") if subcommand == "fit" and ckpt_path else None
+            self._requested_model = model.clone() if model is not None else None
             try:
                 super()._parse_ckpt_path()
             except (ArgumentError, SystemExit) as error:
@@ -299,11 +358,62 @@ def _build_parser_classes():
             check_run_folder(config.trainer.default_root_dir)
             if self.subcommand == "fit":
                 check_training_length(config.trainer)
+                if getattr(self, "_requested_model", None) is not None:
+                    config.model = self._requested_model  # compared with the checkpoint's below
             check_optimizer_options(config.get("model"))
+            check_precision(config.trainer)
+            if self.subcommand == "fit":
+                self._resume_changes = self._check_resume(config)
             if config.trainer.get("enable_progress_bar") is False:
                 self.trainer_defaults["callbacks"] = [
                     c for c in self.trainer_defaults["callbacks"] if not isinstance(c, RichProgressBar)
                 ]
+
+        def _check_resume(self, config):
+            """Before anything is written: a fit into a folder holding a run is refused, and a resume whose config
+            changes the run is refused naming what differs, unless --resume_changes allow; returns the callback
+            that records (and honours) the changes a resume goes on with, or None."""
+            import yaml
+            from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+            from callbacks import resume_changes as resume
+
+            folder = Path(config.trainer.default_root_dir)
+            ckpt_path = config.get("ckpt_path")
+            if not ckpt_path:
+                if getattr(rank_zero_only, "rank", 0) == 0:  # a DDP rank started after rank 0 wrote config.yaml
+                    resume.refuse_existing_run(folder)
+                return None
+            checkpoint = getattr(self, "_resumed", None)
+            named = ckpt_path in LIGHTNING_CKPT_NAMES  # Lightning finds it in this run folder
+            run = folder if named else resume.checkpoint_run_folder(ckpt_path)
+            if not named:
+                resume.refuse_foreign_folder(folder, ckpt_path)
+                resume.refuse_rewriting_history(folder, ckpt_path)
+            try:
+                run_config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError, UnicodeDecodeError):
+                run_config = None
+            if not isinstance(run_config, dict):
+                run_config = None
+                resume.say(f"{run / 'config.yaml'} cannot be read: only the model's hyperparameters and the "
+                           "quantization spec the checkpoint carries are compared with this config")
+            before = resume.previous_config(run_config, checkpoint)
+            dumped = self._parser(self.subcommand).dump(config, format="yaml", skip_unset=False, skip_validation=True)
+            changes = resume.compare(before, resume.flatten(yaml.safe_load(dumped)))
+            stored = (checkpoint or {}).get(CHECKPOINT_KEY)
+            spec = QuantSpec.from_dict(stored).describe() if stored is not None else "the checkpoint's"
+            record = folder / resume.CHANGES_FILE
+            allowed = config.get("resume_changes") == "allow"
+            resume.check(changes, allowed, ckpt_path, spec, record)
+            if not changes:
+                return None
+            asked = any(c.kind == "asked" for c in changes)
+            resume.say(f"continuing {ckpt_path} with {'; '.join(c.describe() for c in changes)}"
+                       f"{' (accepted by --resume_changes allow)' if asked else ''}; recorded in {record}")
+            checkpoint = checkpoint or {}
+            return resume.ResumeChanges(changes, record, ckpt_path, checkpoint.get("epoch"),
+                                        checkpoint.get("global_step"), allowed=asked)
 
         def after_fit(self) -> None:
             if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:
@@ -323,11 +433,19 @@ def _build_parser_classes():
                 trainer = super().instantiate_trainer(**kwargs)
             except MisconfigurationException as error:
                 raise TrainerOptionError(f"trainer: {_one_line(error)}") from None
+            if getattr(self, "_resume_changes", None) is not None:
+                trainer.callbacks.append(self._resume_changes)
             _CtrlC.trainer = trainer
             return trainer
 
         def before_fit(self) -> None:
             check_training_batches(self.datamodule, self.trainer)
+            resumed = getattr(self, "_resumed", None)
+            classes = (resumed or {}).get("hyper_parameters", {}) or {}
+            classes, now = classes.get("num_classes"), getattr(self.model, "hparams", {}).get("num_classes")
+            if classes is not None and now is not None and classes != now:  # data changed with --resume_changes
+                raise ResumeRefused(f"checkpoint {self.config[self.subcommand].ckpt_path}'s model has {classes} "
+                                    f"classes, the data {now}: a resume cannot change this; train a new run")
 
         def _wandb_logger(self, run_dir: str):
             from callbacks.wandb_logger import ResilientWandbLogger
@@ -363,20 +481,19 @@ def _build_parser_classes():
     return QregCLI, RunConfigSaver
 
 
-def run_lightning(args: list[str] | None) -> None:
+def _lightning_cli_options() -> dict[str, Any]:
+    """The LightningCLI arguments of fit / validate / test / predict: shared by `run_lightning` and
+    `resolve_fit_config`, so that a study cell's resolved config is the one its fit runs with."""
     from lightning.pytorch.callbacks import LearningRateMonitor
 
     from callbacks.progress import SplitsProgressBar
 
-    QregCLI, RunConfigSaver = _build_parser_classes()
-    QregCLI(
+    return dict(
         model_class=None,
         datamodule_class=None,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=args,
         seed_everything_default=0,
-        save_config_callback=RunConfigSaver,
         parser_kwargs={"exit_on_error": False},
         trainer_defaults={
             "max_epochs": 200,
@@ -388,6 +505,35 @@ def run_lightning(args: list[str] | None) -> None:
             ],
         },
     )
+
+
+def run_lightning(args: list[str] | None) -> None:
+    QregCLI, RunConfigSaver = _build_parser_classes()
+    QregCLI(args=args, save_config_callback=RunConfigSaver, **_lightning_cli_options())
+
+
+def resolve_fit_config(args: list[str]) -> dict[str, Any]:
+    """The config `cli.py fit ARGS` would run with, as its run folder's config.yaml holds it: the arguments
+    parsed by qreg's LightningCLI and nothing instantiated (no data, no model, no checkpoint read; ~0.3 s). A
+    study compares it with each cell's config.yaml (study/identity.py)."""
+    import yaml
+
+    check_config_files(args)
+    QregCLI, _ = _build_parser_classes()
+
+    class Parsed(Exception):  # noqa: N818 (a control-flow signal, not an error)
+        pass
+
+    class ParseOnly(QregCLI):
+        def _parse_ckpt_path(self) -> None:  # LightningCLI's first step after parsing: stop there
+            raise Parsed(self)
+
+    try:
+        ParseOnly(args=["fit", *args], save_config_callback=None, **_lightning_cli_options())
+    except Parsed as parsed:
+        cli = parsed.args[0]
+        return yaml.safe_load(cli._parser("fit").dump(cli.config["fit"], skip_none=False))
+    raise AssertionError("LightningCLI did not parse its arguments first")  # pragma: no cover
 
 
 _TYPE_ERROR = re.compile(r'^Parser key "(\w+)": Does not validate .*?Problem with given class_path [^:]+: '
@@ -478,6 +624,9 @@ def study_command(args: list[str]) -> None:
     parser.add_argument("--slurm_options", type=list[str], default=[],
                         help='#SBATCH lines for every job, e.g. ["--gres=gpu:1", "--time=12:00:00"]')
     parser.add_argument("--report", type=bool, default=True, help="write the report when the study ends")
+    parser.add_argument("--force", type=bool, default=False,
+                        help="retrain the cells whose config changed since they ran (their old folders and rows are "
+                             "moved to <study>/superseded/); without it such a study is refused")
     config = parser.parse_args(args)
     files = config.get("config") or []
     study_file = Path(str(files[-1].absolute)) if files else None
@@ -487,23 +636,27 @@ def study_command(args: list[str]) -> None:
     if config.executor == "slurm":
         if study_file is None:
             raise StudyError("--executor slurm needs the study as a file: --config configs/study/<name>.yaml")
-        submit = write_slurm_scripts(study, study_file, config.slurm_options)
+        StudyRunner(study, study_file, resolve_fit_config).check(study.cells(), config.force)  # before writing
+        submit = write_slurm_scripts(study, study_file, config.slurm_options, force=config.force)
         print(f"wrote {submit.parent}/cells.sbatch ({len(study.cells())} array tasks) and report.sbatch; "
               f"submit with: bash {submit}")
         return
-    runner = StudyRunner(study, study_file)
-    outcomes = runner.run(only=config.cell)
+    runner = StudyRunner(study, study_file, resolve_fit_config)
+    outcomes = runner.run(only=config.cell, force=config.force)
     print_outcomes(outcomes)
     stopped = interruption(outcomes, runner.stopped_by)
     if stopped is not None:
         status, what = stopped
         again = shlex.join([sys.executable, str(Path(__file__).resolve()), "study", *args])
         raise StudyInterrupted(status, f"study stopped: {what}; no further cell was started. Resume with: {again}")
-    if config.cell is None and config.report:
+    failed = [o for o in outcomes if o.status == "failed"]
+    reportable = any(o.status in ("finished", "skipped", "diverged") for o in outcomes)
+    if config.cell is None and config.report and (reportable or not failed):
         print(f"report: {write_report(runner.directory)}")
-    failed = [o.cell.name for o in outcomes if o.status == "failed"]
     if failed:
-        raise StudyRunFailed(f"cells failed: {', '.join(failed)} (rerun the study to retry them)")
+        listed = "; ".join(f"{o.cell.name} ({o.detail}; log {runner.cell_log(o.cell)})" for o in failed)
+        raise StudyRunFailed(f"{len(failed)} {'cell' if len(failed) == 1 else 'cells'} failed: {listed}; rerun the "
+                             "study to retry them")
 
 
 def _as_dataclasses(study):
@@ -579,7 +732,9 @@ def check_config_files(args: list[str]) -> None:
     """Read every config file first (`--config` and any `--<key> file.yaml`, and the files they compose), so a
     YAML syntax error names its file and line, and a key written twice (YAML keeps the last one silently) is
     refused naming the key, its lines and the file."""
-    files = [value for flag, value in zip(args, args[1:], strict=False)
+    pairs = [*zip(args, args[1:], strict=False),  # `--config file` and `--config=file`
+             *(arg.split("=", 1) for arg in args if arg.startswith("--") and "=" in arg)]
+    files = [value for flag, value in pairs
              if flag.startswith("--") and (flag == "--config" or value.endswith((".yaml", ".yml")))]
     seen: set[Path] = set()
     while files:
@@ -611,7 +766,11 @@ def _read_yaml_strictly(path: Path) -> Any:
             return super().construct_mapping(node, deep=deep)
 
     try:
-        return yaml.load(path.read_text(), Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except UnicodeDecodeError as error:  # e.g. Latin-1 from an old editor: YAML files are UTF-8
+        byte = error.object[error.start]
+        raise ConfigFileError(f"config file {path} is not UTF-8 text (byte {error.start} is 0x{byte:02x}); "
+                              "save it as UTF-8") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

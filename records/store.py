@@ -126,6 +126,26 @@ def _stored_row(row: dict[str, Any]) -> dict[str, Any]:
     return check_row({**{name: None for name in LATER_FIELDS}, **row})
 
 
+def move_rows(path: str | os.PathLike, run: str, destination: str | os.PathLike) -> int:
+    """Move every row of `run` from the store `path` to the store `destination` (appended); returns how many.
+
+    Under the store's lock the rows are first appended to `destination`, then `path` is rewritten without them
+    (the other lines byte for byte), each write atomic: a crash leaves the rows in both files, never in neither."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with locked(path):
+        rows = read_rows(path)  # a malformed line is refused before anything moves
+        mine = [row for row in rows if row["run"] == run]
+        if not mine:
+            return 0
+        append_rows(destination, mine)
+        with open(path, encoding="utf-8") as handle:
+            kept = [line for line in handle if line.strip() and json.loads(line).get("run") != run]
+        write_atomically(path, "".join(kept).encode())
+    return len(mine)
+
+
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     """All rows of a results file; a malformed line is an error naming the file and line."""
     path = Path(path)

@@ -12,7 +12,13 @@ What makes it resumable and safe to kill:
   stops the study once the cell has exited: the cell is "interrupted", not "failed", no further cell starts,
   and the study ends with the cell's status (143 / 130) and resumes that cell on the next run;
 - a cell whose `last.ckpt` cannot be loaded resumes from its newest loadable checkpoint instead
-  (`best-*.ckpt`, Lightning's `hpc_ckpt_*.ckpt`), or from scratch, and says which.
+  (`best-*.ckpt`, Lightning's `hpc_ckpt_*.ckpt`), or from scratch, and says which;
+- a cell is what its config says (study/identity.py): before anything runs, each cell's config is resolved and
+  compared with the one its folder was run with; a finished, diverged or checkpointed cell whose config changed
+  is refused (or, with --force, its folder and rows are moved to `<study>/superseded/` and it retrains), and a
+  study folder holds one study (`study.json`);
+- each cell's output is also appended to `<cell>/cell.log` (its stderr only while the runner writes to a terminal,
+  so that the progress bars stay live there).
 """
 
 from __future__ import annotations
@@ -20,23 +26,40 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from records.exits import EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR
 from records.measures import SCORE_METRICS
 from records.splits import CLEAN
-from records.store import RESULTS_FILE, read_rows
+from records.store import RESULTS_FILE, move_rows, read_rows
 from study.grid import Cell, StudyConfig, StudyError
+from study.identity import (
+    STUDY_FILE,
+    compared_config,
+    describe,
+    differences,
+    digest,
+    recorded_config,
+    resumable,
+    study_of,
+    write_cell_record,
+    write_study_record,
+)
 
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
 # what `cli.py fit` ends with after Ctrl-C / SIGTERM, having saved last.ckpt
 INTERRUPTED_STATUSES = (EXIT_SIGINT, EXIT_SIGTERM)
+CELL_LOG = "cell.log"  # each cell's output, appended run after run
+SUPERSEDED = "superseded"  # <study>/superseded/<cell>-<time>/: a retrained cell's old folder and rows
+RESUMABLE = "interrupted, with a checkpoint"
 
 
 @dataclass
@@ -143,27 +166,73 @@ class SignalForwarder:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def run(self, command: list[str], env: dict[str, str]) -> int:
+    def run(self, command: list[str], env: dict[str, str], log: Path | None = None) -> int:
         """Run a cell in its own process group (a Ctrl-C at the terminal reaches it once, forwarded, not
-        twice); returns its exit status, 128 + N for a cell a signal N ended."""
-        self.process = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent, process_group=0)
-        if self.received is not None:  # the signal came while the cell was being prepared: it was not forwarded
-            self.process.send_signal(self.received)
-        try:
-            while True:
-                try:
-                    code = self.process.wait()
-                    break
-                except InterruptedError:  # pragma: no cover - wait() retries on EINTR itself
-                    continue
-        finally:
-            self.process = None
-        return signal_status(-code) if code < 0 else code
+        twice); returns its exit status, 128 + N for a cell a signal N ended. With `log`, the cell's output also
+        goes to that file (appended; its stdout only when the runner's is not a terminal: there the cell keeps
+        the terminal, and its live progress bars)."""
+        streams = [] if log is None else [2] if os.isatty(1) else [1, 2]
+        pipes = {("stdout" if fd == 1 else "stderr"): subprocess.PIPE for fd in streams}
+        with contextlib.ExitStack() as stack:
+            sink = stack.enter_context(open(log, "ab")) if log is not None else None
+            if sink is not None:
+                kept = "" if 1 in streams else " (stderr only: stdout went to the terminal)"
+                sink.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}{kept}\n".encode())
+                sink.flush()
+            self.process = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent, process_group=0, **pipes)
+            lock = threading.Lock()
+            tees = [threading.Thread(target=_tee, args=(self.process.stdout if fd == 1 else self.process.stderr, fd,
+                                                        sink, lock), daemon=True) for fd in streams]
+            for tee in tees:
+                tee.start()
+            if self.received is not None:  # the signal came while the cell was being prepared: not forwarded
+                self.process.send_signal(self.received)
+            try:
+                while True:
+                    try:
+                        code = self.process.wait()
+                        break
+                    except InterruptedError:  # pragma: no cover - wait() retries on EINTR itself
+                        continue
+            finally:
+                self.process = None
+                for tee in tees:
+                    tee.join(timeout=10)  # a child the cell left behind may hold the pipe: do not wait on it
+            status = signal_status(-code) if code < 0 else code
+            if sink is not None:
+                with lock:
+                    sink.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} exit status {status}\n".encode())
+                    sink.close()
+        return status
+
+
+def _tee(source, fd: int, sink, lock: threading.Lock) -> None:
+    """Copy a cell's output stream to the runner's file descriptor `fd` and to the cell's log, as it comes."""
+    shown = True
+    for chunk in iter(lambda: source.read1(65536), b""):
+        left = chunk
+        while shown and left:
+            try:
+                left = left[os.write(fd, left):]
+            except OSError:  # the runner's output was closed (a pipe whose reader quit): keep the log going
+                shown = False
+        with lock:
+            if not sink.closed:  # closed when the cell ended and a process it left behind still writes
+                sink.write(chunk)
+                sink.flush()
+    source.close()
 
 
 class StudyRunner:
-    def __init__(self, study: StudyConfig, study_file: Path | None = None) -> None:
+    """`resolve(fit arguments) -> config`: the config a cell's `cli.py fit` would run with, parsed, nothing built
+    (default `cli.resolve_fit_config`; `cli.py study` passes its own)."""
+
+    def __init__(self, study: StudyConfig, study_file: Path | None = None,
+                 resolve: Callable[[list[str]], dict] | None = None) -> None:
         self.study = study
+        self.resolve = resolve
+        self.identities: dict[str, dict] = {}  # cell name -> its compared config, resolved by check()
+        self.supersede_cells: set[str] = set()  # cells whose old folder and rows check() decided to move aside
         self.cells = study.cells()
         self.directory = study.directory()
         root = study_file.parent if study_file is not None else Path.cwd()
@@ -183,9 +252,12 @@ class StudyRunner:
     def rows(self) -> list[dict]:
         return read_rows(self.store) if self.store.exists() else []
 
+    def cell_log(self, cell: Cell) -> Path:
+        return self.cell_directory(cell) / CELL_LOG
+
     def command(self, cell: Cell, resume: Path | None = None) -> list[str]:
         folder = self.cell_directory(cell)
-        command = [sys.executable, str(CLI), "fit"]
+        command = []
         for base in self.bases:
             command += ["--config", base]
         command += list(self.study.args)
@@ -202,9 +274,101 @@ class StudyRunner:
         ]
         if resume is not None:
             command += ["--ckpt_path", str(resume)]
-        return command
+        return [sys.executable, str(CLI), "fit", *command]
+
+    def identity(self, cell: Cell) -> dict:
+        """The cell's compared config now: its `cli.py fit` arguments parsed (nothing instantiated)."""
+        if self.resolve is None:
+            from cli import resolve_fit_config
+
+            self.resolve = resolve_fit_config
+        return compared_config(self.resolve(self.command(cell)[3:]))
+
+    def changes(self, cell: Cell, compared: dict) -> list[tuple]:
+        """How the config the cell's folder was run with differs from `compared` ([] when it does not, or when
+        the folder records no config)."""
+        old, _ = recorded_config(self.cell_directory(cell))
+        if old is None or digest(old) == digest(compared):
+            return []
+        return differences(old, compared)
+
+    def check_owner(self) -> None:
+        """A study folder belongs to one study: refuse another study's name before anything is written."""
+        recorded, where = study_of(self.directory), STUDY_FILE
+        if recorded is None and self.store.is_file():
+            others = sorted({r["study"] for r in self.rows() if r["study"]} - {self.study.name})
+            recorded, where = (others[0] if others else None), RESULTS_FILE
+        if recorded is not None and recorded != self.study.name:
+            raise StudyError(f"study folder {self.directory} belongs to study {recorded!r} (its {where}), not "
+                             f"{self.study.name!r}: a study folder holds one study; give study {self.study.name!r} "
+                             "its own output_dir")
+
+    def check(self, cells: list[Cell], force: bool = False) -> None:
+        """Before anything runs or is written: the folder is this study's, and no cell whose work would be reused
+        (finished, diverged, or a checkpoint to resume) was run with another config than it gets now. Such cells
+        are refused in one line, or with `force` marked to retrain (their old folder and rows moved aside); a
+        changed cell with nothing to reuse is moved aside without asking."""
+        self.check_owner()
+        rows = self.rows()
+        reused: list[tuple[Cell, str, list[tuple]]] = []
+        for cell in cells:
+            self.identities[cell.name] = self.identity(cell)
+            folder = self.cell_directory(cell)
+            if not folder.is_dir():
+                continue
+            work = cell_status(rows, cell) or (RESUMABLE if checkpoint_candidates(folder) else None)
+            if work is not None and recorded_config(folder)[0] is None:
+                print(f"=== cell {cell.name} ({work}): its folder records no config (config.yaml, cell.json) to "
+                      "check against the study's; kept as it is", flush=True)
+                continue
+            found = self.changes(cell, self.identities[cell.name])
+            if found and work == RESUMABLE:  # its fit's resume check lets it go on with what it may change
+                found = [change for change in found if not resumable(change[0])]
+            if found:
+                self.supersede_cells.add(cell.name)
+                if work is not None:
+                    reused.append((cell, work, found))
+        if reused and not force:
+            texts = [describe(found) for _, _, found in reused]
+            if len(set(texts)) == 1:
+                named = ", ".join(f"{cell.name} ({work})" for cell, work, _ in reused)
+                what = f"{named}: {texts[0]}"
+            else:
+                what = ", ".join(f"{cell.name} ({work}: {text})" for (cell, work, _), text in
+                                 zip(reused, texts, strict=True))
+            cells_word = "cell" if len(reused) == 1 else "cells"
+            raise StudyError(
+                f"study {self.study.name}: {len(reused)} {cells_word} in {self.directory} ran with another config than "
+                f"the study gives now: {what}; add --force to retrain {'it' if len(reused) == 1 else 'them'} (the old "
+                f"{'folder and rows are' if len(reused) == 1 else 'folders and rows are'} kept in "
+                f"{self.directory / SUPERSEDED}), or give the study a new output_dir")
+
+    def supersede(self, cell: Cell) -> Path | None:
+        """Under the cell's lock: move its rows out of the store into its folder's own results.jsonl, then the
+        folder to `<study>/superseded/<cell>-<time>/` (nothing deleted). None when another process holds the cell;
+        the folder itself when there is nothing to move (another runner did it first)."""
+        folder = self.cell_directory(cell)
+        with cell_lock(folder) as held:
+            if not held:
+                return None
+            if not self.changes(cell, self.identities[cell.name]):
+                return folder
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            target = self.directory / SUPERSEDED / f"{cell.name}-{stamp}"
+            for attempt in range(2, 1000):
+                if not target.exists():
+                    break
+                target = target.with_name(f"{cell.name}-{stamp}-{attempt}")
+            moved = move_rows(self.store, cell.name, folder / RESULTS_FILE)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            folder.rename(target)  # the lock file goes with it: the cell starts again in a new folder
+        print(f"=== cell {cell.name}: ran with another config; its old folder and {moved} result rows moved to "
+              f"{target}", flush=True)
+        return target
 
     def run_cell(self, cell: Cell, number: int, forwarder: SignalForwarder) -> Outcome:
+        if cell.name in self.supersede_cells and self.supersede(cell) is None:
+            return Outcome(cell, "busy", detail="another process is running this cell")
         status = cell_status(self.rows(), cell)
         if status is not None:
             return Outcome(cell, "skipped", detail=status)
@@ -214,6 +378,8 @@ class StudyRunner:
             status = cell_status(self.rows(), cell)  # it may have finished while we waited for the lock
             if status is not None:
                 return Outcome(cell, "skipped", detail=status)
+            if cell.name in self.identities:
+                write_cell_record(self.cell_directory(cell), cell.name, self.study.name, self.identities[cell.name])
             resume, note = resume_checkpoint(self.cell_directory(cell))
             resumed = f" (resuming from its checkpoint {resume.name})" if resume is not None else ""
             started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -223,7 +389,7 @@ class StudyRunner:
                 print(f"=== cell {cell.name}: {note}", flush=True)
             start = time.perf_counter()
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            code = forwarder.run(self.command(cell, resume), env)
+            code = forwarder.run(self.command(cell, resume), env, log=self.cell_log(cell))
             seconds = time.perf_counter() - start
         print(f"=== cell {cell.name} ended {time.strftime('%Y-%m-%d %H:%M:%S')} (exit status {code}) after "
               f"{seconds / 60:.1f} min", flush=True)
@@ -236,19 +402,24 @@ class StudyRunner:
                            exit_status=status)
         if code != 0:
             if code == EXIT_USER_ERROR:
-                raise StudyError(f"cell {cell.name} was refused (exit status {code}): fix the study's config or args")
+                raise StudyError(f"cell {cell.name} was refused (exit status {code}; its output: "
+                                 f"{self.cell_log(cell)}): fix the study's config or args")
             return Outcome(cell, "failed", seconds, detail=f"exit status {code}")
         if cell_status(self.rows(), cell) is None:
             return Outcome(cell, "failed", seconds, detail="it wrote no test results")
         return Outcome(cell, "finished", seconds)
 
-    def run(self, only: int | None = None) -> list[Outcome]:
+    def run(self, only: int | None = None, force: bool = False) -> list[Outcome]:
         """Run every unfinished cell (or only cell number `only`, 0-based, for a job-array task), until a
-        signal stops the study: `self.stopped_by` is then the signal's number."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        signal stops the study: `self.stopped_by` is then the signal's number. Checked first (`check`): a cell
+        whose config changed is refused, or with `force` retrained."""
         if only is not None and not 0 <= only < len(self.cells):
             raise StudyError(f"--cell {only} is out of range: the grid has cells 0..{len(self.cells) - 1}")
         chosen = list(enumerate(self.cells)) if only is None else [(only, self.cells[only])]
+        self.check([cell for _, cell in chosen], force)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if study_of(self.directory) is None:
+            write_study_record(self.directory, self.study.name)
         outcomes: list[Outcome] = []
         with SignalForwarder() as forwarder:
             for index, cell in chosen:

@@ -21,19 +21,21 @@ def sbatch_value(text: str) -> str:
 
 
 def write_slurm_scripts(
-    study: StudyConfig, study_file: Path, sbatch_options: list[str], python: str | None = None
+    study: StudyConfig, study_file: Path, sbatch_options: list[str], python: str | None = None, force: bool = False
 ) -> Path:
     """Write `<study>/slurm/{cells.sbatch, report.sbatch, submit.sh}`; returns submit.sh.
 
     Each array task runs `cli.py study --cell $SLURM_ARRAY_TASK_ID`, i.e. exactly one cell, in its own
-    folder `<study>/cells/<cell>/`, resuming from that cell's last checkpoint if the task is requeued.
+    folder `<study>/cells/<cell>/`, resuming from that cell's last checkpoint if the task is requeued. Each task
+    checks its cell's config as a local study does: refused when it changed, retrained with `force` (the scripts
+    then pass --force).
     """
     cells = study.cells()
     directory = study.directory().resolve()
     folder = directory / "slurm"
     python = python or sys.executable
     study_command = [python, str(CLI), "study", "--config", str(study_file.resolve()),
-                     "--output_dir", str(directory)]
+                     "--output_dir", str(directory), *(["--force", "true"] if force else [])]
     header = ["#!/bin/bash", f"#SBATCH --job-name={sbatch_value(f'qreg-{study.name}')}",
               *(f"#SBATCH {o}" for o in sbatch_options)]
     listing = "\n".join(f"#   {i}: {cell.name} -> {directory / 'cells' / cell.name}" for i, cell in enumerate(cells))

@@ -14,7 +14,14 @@ import numpy as np
 from quantizers import FLOAT_BITS, precision_label
 from quantizers.methods import FP32
 from records.measures import SCORE_METRICS, mean_corrupted
-from records.run_files import METRICS_FILE, PREDICTIONS_FILE, check_predictions, load_predictions, read_epoch_metrics
+from records.run_files import (
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    RunFileError,
+    check_predictions,
+    load_predictions,
+    read_epoch_metrics,
+)
 from records.splits import CLEAN, corruption_of, split_name
 from records.store import RESULTS_FILE, ResultsStoreError, read_rows
 from study.grid import StudyError
@@ -39,6 +46,7 @@ class CellResult:
     test_loss: float | None = None  # on the clean test set
     train: dict[str, float] = field(default_factory=dict)  # measures on training images (FlatnessCallback)
     theorem: dict[int, dict[str, float]] = field(default_factory=dict)  # bits -> theorem_* measures
+    lines: dict[str, int] = field(default_factory=dict)  # split name -> the results.jsonl line of its score
 
     @property
     def experiment(self) -> tuple[str, str]:
@@ -77,14 +85,27 @@ def load_cells(study_dir: Path) -> tuple[list[CellResult], str | None]:
         rows = read_rows(path)
     except ResultsStoreError as error:
         raise StudyError(f"cannot report on {study_dir}: {error}") from None
+    studies = sorted({r["study"] for r in rows if r["study"]})
+    if len(studies) > 1:  # runs of the same name would replace each other's rows
+        raise StudyError(f"{path} holds the rows of {len(studies)} studies, {', '.join(map(repr, studies))}: a report "
+                         "never mixes studies; give each study its own folder and move the other study's rows out")
+    with open(path, encoding="utf-8") as handle:  # the line of each row, as read_rows read them
+        numbers = [number for number, line in enumerate(handle, start=1) if line.strip()]
     cells: dict[str, CellResult] = {}
+    first: dict[str, int] = {}  # run -> the line of its first evaluation row
     # A run's identity comes from its evaluation rows; theorem rows reuse weight_bits for the simulated noise.
     is_primary = [r["metric"] in (*SCORE_METRICS, "diverged") for r in rows]
-    ordered = [r for r, p in zip(rows, is_primary, strict=True) if p] + [
-        r for r, p in zip(rows, is_primary, strict=True) if not p]
-    for row in ordered:
-        cell = cells.setdefault(row["run"], CellResult(
-            row["run"], row["model"], row["dataset"], row["method"], row["weight_bits"], row["act_bits"], row["seed"]))
+    ordered = [i for i, p in enumerate(is_primary) if p] + [i for i, p in enumerate(is_primary) if not p]
+    for index in ordered:
+        row, line = rows[index], numbers[index] if index < len(numbers) else 0
+        identity = (row["model"], row["dataset"], row["method"], row["weight_bits"], row["act_bits"], row["seed"])
+        cell = cells.setdefault(row["run"], CellResult(row["run"], *identity))
+        first.setdefault(row["run"], line)
+        if is_primary[index] and identity != (cell.model, cell.dataset, cell.method, cell.weight_bits, cell.act_bits,
+                                              cell.seed):
+            raise StudyError(f"{path}:{line}: run {row['run']}'s row describes another run ({_described(identity)}) "
+                             f"than its row at line {first[row['run']]} ({_described(cell)}): fix or delete the "
+                             "stale rows")
         split = split_name(row["corruption"], row["severity"])
         metric, value = row["metric"], row["value"]
         if metric == "diverged":
@@ -99,13 +120,21 @@ def load_cells(study_dir: Path) -> tuple[list[CellResult], str | None]:
                                  "from 0 to 100; fix or delete those rows and rerun the cell's test")
             cell.metric = metric
             cell.scores[split] = value  # a re-evaluation overwrites: the latest row wins
+            cell.lines[split] = line
             cell.epoch, cell.step = row["epoch"], row["step"]
         elif metric == "loss" and split == CLEAN:
             cell.test_loss = value
     if not any(c.scores or c.diverged_at is not None for c in cells.values()):
         raise StudyError(f"no results in {path}: run the study's cells first (cli.py study --config ...)")
-    names = {r["study"] for r in rows if r["study"]}
-    return list(cells.values()), (names.pop() if len(names) == 1 else None)
+    return list(cells.values()), (studies[0] if studies else None)
+
+
+def _described(identity) -> str:
+    if isinstance(identity, CellResult):
+        identity = (identity.model, identity.dataset, identity.method, identity.weight_bits, identity.act_bits,
+                    identity.seed)
+    model, dataset, method, weight_bits, act_bits, seed = identity
+    return f"{model} on {dataset}, {method} w{weight_bits}a{act_bits}, seed {seed}"
 
 
 class Study:
@@ -142,10 +171,35 @@ class Study:
             path = self.directory / "cells" / cell.run / PREDICTIONS_FILE
             predictions = None
             if path.exists():
-                predictions = load_predictions(path)
-                check_predictions(path, predictions, cell.scores)
+                predictions = load_predictions(path)  # an unreadable file is that file's problem
+                try:
+                    check_predictions(path, predictions, cell.scores)
+                except RunFileError:
+                    if len({len(v) for v in predictions.values()}) > 1:
+                        raise  # the file contradicts itself
+                    # An intact predictions file (written with its rows, in one test) that the rows contradict: the
+                    # rows changed after the test (a line edited, added or lost), not the file.
+                    raise StudyError(self._store_problem(cell, path, predictions)) from None
             self._predictions[cell.run] = predictions
         return self._predictions[cell.run]
+
+    def _store_problem(self, cell: CellResult, path: Path, predictions: dict[str, np.ndarray]) -> str:
+        store = self.directory / RESULTS_FILE
+        extra = [split for split in cell.scores if split not in predictions]
+        if extra:
+            return (f"{store}:{cell.lines[extra[0]]}: run {cell.run} has a row ({cell.metric}) for split {extra[0]}, "
+                    f"which its test did not measure ({path}, intact, holds its {len(predictions)} splits): fix or "
+                    "delete that line")
+        for split, correct in predictions.items():
+            accuracy = 100.0 * float(np.mean(correct)) if len(correct) else float("nan")
+            if split in cell.scores and not abs(accuracy - cell.scores[split]) <= 0.01:
+                return (f"{store}:{cell.lines[split]}: run {cell.run}'s {cell.metric} on split {split} is "
+                        f"{cell.scores[split]:.2f}, but its test gave {accuracy:.2f} ({path}, intact): fix or delete "
+                        "that line (a run's last row of a split wins), or rerun the cell's test")
+        missing = [split for split in predictions if split not in cell.scores]
+        return (f"{store} lacks run {cell.run}'s {cell.metric} rows for {len(missing)} splits its test measured "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}; {path}, intact, holds them): restore "
+                "those lines, or rerun the cell's test")
 
     def epochs(self, cell: CellResult) -> list[dict]:
         """The cell's metrics.jsonl rows, one per epoch ([] without the file)."""
