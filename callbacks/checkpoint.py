@@ -77,6 +77,23 @@ class RunCheckpoint(ModelCheckpoint):
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
         super().setup(trainer, pl_module, stage)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """A resume that reaches its run folder by another spelling (relative where the run was started with an
+        absolute path, from another working directory, through a symlink) keeps tracking the best checkpoint:
+        Lightning compares the folders as strings and would forget it, writing a second `best-*.ckpt` beside the
+        first at the next validation."""
+        stored = state_dict.get("dirpath")
+        if stored and self.dirpath and stored != self.dirpath and _same_folder(stored, self.dirpath):
+            def respelled(path):
+                return os.path.join(self.dirpath, os.path.basename(path)) if path and _same_folder(
+                    os.path.dirname(path), stored) else path
+
+            state_dict = {**state_dict, "dirpath": self.dirpath,
+                          "best_k_models": {respelled(p): v for p, v in state_dict.get("best_k_models", {}).items()},
+                          **{key: respelled(state_dict[key]) for key in ("best_model_path", "kth_best_model_path",
+                                                                          "last_model_path") if key in state_dict}}
+        super().load_state_dict(state_dict)
+
     def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
         """Lightning calls this right after a top-k save (an improved validation loss) and at train end; here
         `last.ckpt` is written once per epoch instead, below, so it never lags behind the training."""
@@ -97,3 +114,10 @@ class RunCheckpoint(ModelCheckpoint):
         if (isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and self.save_last
                 and self.dirpath is not None):
             trainer.save_checkpoint(os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION))
+
+
+def _same_folder(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is gone (or not a local path)
+        return False

@@ -66,6 +66,38 @@ def read_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = REQUIRE
     return checkpoint
 
 
+def task_label(model_class: type) -> str:
+    """'classification model (ClassificationModule)', 'detection model (DetectionModule)'."""
+    return f"{model_class.__name__.removesuffix('Module').lower()} model ({model_class.__name__})"
+
+
+def task_module_class(class_path: str | None) -> type | None:
+    """The qreg task module a class path names (a config's `model.class_path`, the `_class_path` a fit through
+    cli.py stores among a checkpoint's hyperparameters), or None when it names none."""
+    import importlib
+
+    from lightning_modules.task import TaskModule
+
+    module_path, _, name = str(class_path or "").rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_path), name) if module_path else None
+    except (ImportError, AttributeError, ValueError):
+        found = None
+    return found if isinstance(found, type) and issubclass(found, TaskModule) else None
+
+
+def check_checkpoint_task(ckpt_path: str | os.PathLike, stored: type | None, configured: type | None,
+                          command: str) -> None:
+    """Refuse a checkpoint of another task than the config's model (a detector's under a classifier config, or
+    the reverse), naming both, before anything loads it: Lightning would switch to the checkpoint's class, or
+    fail on the first mismatched tensor with a long traceback. `command`: what the user runs ('test', 'export')."""
+    if stored is None or configured is None or issubclass(stored, configured):
+        return
+    raise CheckpointError(f"{ckpt_path} is the checkpoint of a {task_label(stored)} but the config's model is a "
+                          f"{task_label(configured)}: {command} it with its own run's config "
+                          "(--config runs/<run>/config.yaml)")
+
+
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """None when `path` is a usable qreg checkpoint, else the one-line reason."""
     try:

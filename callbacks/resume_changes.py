@@ -178,6 +178,39 @@ def refuse_foreign_folder(folder: Path, ckpt_path: str) -> None:
                         f"that run in its own folder (--trainer.default_root_dir {run}) or choose a new folder")
 
 
+def resumed_run_folder(ckpt_path: str | os.PathLike) -> Path | None:
+    """The run folder a resume from `ckpt_path` continues when no --trainer.default_root_dir is given: the
+    checkpoint's own run (`<run>/checkpoints/*.ckpt`, `<run>/hpc_ckpt_*.ckpt`), as the path names it; None for
+    a checkpoint outside a run folder (its resume starts a new run folder)."""
+    path = Path(ckpt_path)
+    if path.parent.name == "checkpoints":
+        run = path.parent.parent
+    elif path.name.startswith("hpc_ckpt_"):
+        run = path.parent
+    else:
+        return None
+    return run if holds_run(run) else None
+
+
+def refuse_rewriting_history(folder: Path, ckpt_path: str) -> None:
+    """A resume from an earlier checkpoint of a run (`best-<epoch>.ckpt`) into that run's own folder, beside its
+    later `last.ckpt`: going on there would overwrite the run's later history (its last.ckpt, the later epochs
+    of metrics.jsonl, its results and W&B run). A study resumes a cell from `best-*.ckpt` only when its
+    `last.ckpt` did not load (and was renamed `.damaged`): that is allowed, there is no later checkpoint."""
+    path = Path(ckpt_path)
+    run = checkpoint_run_folder(path)
+    last = run / "checkpoints" / "last.ckpt"
+    if path.name == last.name or path.name.startswith("hpc_ckpt_") or not last.is_file():
+        return
+    if run.resolve() != folder.absolute().resolve():
+        return
+    shown = path.parent / last.name if path.parent.name == "checkpoints" else last  # as the user spelled the path
+    raise ResumeRefused(f"resuming {ckpt_path} in its own run folder {run} would rewrite that run's later history "
+                        f"(its {last.name}, the later epochs of metrics.jsonl, its results): continue the run from "
+                        f"{shown}, or start a new run from this checkpoint with --trainer.default_root_dir "
+                        "<new folder>")
+
+
 def previous_config(run_config: dict[str, Any] | None, checkpoint: dict[str, Any] | None) -> dict[str, Any]:
     """The resolved config of the run a checkpoint belongs to, flattened: its `config.yaml`, with the model's
     hyperparameters and the quantization spec taken from the checkpoint itself (they are what its weights are)."""

@@ -73,15 +73,11 @@ def checkpoint_spec(ckpt_path: Path, checkpoint: dict[str, Any] | None = None) -
     return None if spec is None else QuantSpec.from_dict(spec)
 
 
-def task_label(model_class: type) -> str:
-    """'classification model (ClassificationModule)', 'detection model (DetectionModule)'."""
-    return f"{model_class.__name__.removesuffix('Module').lower()} model ({model_class.__name__})"
-
-
 def model_class_for(configured: Any, checkpoint: dict[str, Any], ckpt_path: Path) -> type:
     """The task module class that loads the checkpoint: the config's, which must be the task the checkpoint
     was trained for (Lightning would refuse another with a long ValueError), else the one the checkpoint names
     (a fit through cli.py stores it among the hyperparameters)."""
+    from callbacks.checkpoint_io import check_checkpoint_task
     from deploy.packed import task_class
 
     named = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
@@ -97,9 +93,7 @@ def model_class_for(configured: Any, checkpoint: dict[str, Any], ckpt_path: Path
                               "runs/<run>/config.yaml) or --model")
         return stored
     wanted = task_class(configured.class_path)
-    if stored is not None and not issubclass(stored, wanted):
-        raise ExportError(f"{ckpt_path} is the checkpoint of a {task_label(stored)} but the config's model is a "
-                          f"{task_label(wanted)}: export it with its own run's config (runs/<run>/config.yaml)")
+    check_checkpoint_task(ckpt_path, stored, wanted, "export")
     return wanted
 
 
@@ -113,7 +107,8 @@ def resolve_spec(ckpt_path: Path, stored: QuantSpec | None, configured: QuantSpe
         return QuantSpec()
     if configured.quantized and configured != stored:
         raise ExportError(f"the checkpoint was trained as {stored.describe()} but the config asks for "
-                          f"{configured.describe()}; drop the config's quantization section or fix it")
+                          f"{configured.describe()} ({stored.describe_differences(configured)}); drop the config's "
+                          "quantization section or fix it")
     if export_format == "int" and not stored.quantized:
         raise ExportError(f"{ckpt_path} is an FP32 model ({stored.method}): --format int packs quantized weights; "
                           "use --format onnx for a float model")

@@ -19,7 +19,6 @@ of the original, which `round_trip_identical` checks.
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -171,14 +170,10 @@ def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 def task_class(class_path: str) -> type:
     """The task module class a config or a packed file names; only qreg's task modules are built (a packed file
     is data, and must not be able to name any callable to run)."""
-    from lightning_modules.task import TaskModule
+    from callbacks.checkpoint_io import task_module_class
 
-    module_path, _, name = str(class_path).rpartition(".")
-    try:
-        found = getattr(importlib.import_module(module_path), name) if module_path else None
-    except (ImportError, AttributeError):
-        found = None
-    if not (isinstance(found, type) and issubclass(found, TaskModule)):
+    found = task_module_class(class_path)
+    if found is None:
         raise ExportError(f"unknown model class {class_path!r}: expected a qreg task module, e.g. "
                           "lightning_modules.ClassificationModule")
     return found

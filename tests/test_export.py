@@ -312,6 +312,11 @@ BAD = {
     "no spec, quantized config": (lambda run, tmp: ["--ckpt_path", str(_no_spec_checkpoint(run, tmp))],
                                   "holds no quantization spec"),
     "config disagrees with checkpoint": (["--quantization.weight_bits", "2"], "trained as lsq W4A4"),
+    # the same label on both sides: the line names the fields that differ, with both values
+    "config disagrees in fields its label does not show": (
+        ["--quantization.per_channel", "true", "--quantization.first_layer_bits", "4"],
+        "trained as lsq W4A4 but the config asks for lsq W4A4 (first_layer_bits: checkpoint 8, config 4; "
+        "per_channel: checkpoint false, config true)"),
     "missing checkpoint": (lambda run, tmp: ["--ckpt_path", str(tmp / "none.ckpt")], "none.ckpt does not exist"),
     "not a checkpoint": (lambda run, tmp: ["--ckpt_path", str(tmp / "file.txt")], "file.txt cannot be loaded"),
 }

@@ -98,6 +98,23 @@ def test_swap_is_idempotent_and_refuses_a_different_spec():
     assert quantize_model(fp32, QuantSpec()) is fp32 and applied_spec(fp32) == QuantSpec()
 
 
+def test_specs_with_the_same_label_name_the_fields_they_differ_in():
+    """Two specs can differ only in fields the 'lsq W4A4' label does not show: a refusal names them, with both
+    values, instead of 'trained as lsq W4A4 but the config asks for lsq W4A4'."""
+    trained = QuantSpec(method="lsq", weight_bits=4)
+    asked = QuantSpec(method="lsq", weight_bits=4, act_signed=True, last_layer_bits=None, exclude=("fc",))
+    assert trained.describe() == asked.describe() == "lsq W4A4"
+    assert trained.describe_differences(asked) == ("last_layer_bits: checkpoint 8, config null; act_signed: checkpoint "
+                                                   "false, config true; exclude: checkpoint [], config [fc]")
+    assert trained.describe_differences(trained) == ""
+    model = quantize_model(build_model("resnet20", 10), trained)
+    with pytest.raises(QuantSpecError) as refused:
+        quantize_model(model, asked)
+    assert ("already quantized as lsq W4A4 and cannot be re-quantized as lsq W4A4 (last_layer_bits: applied 8, "
+            "asked null; act_signed: applied false, asked true; exclude: applied [], asked [fc]; ") in str(
+                refused.value)
+
+
 def test_swap_keeps_parameters_and_does_not_touch_the_global_rng():
     model = build_model("resnet20", 10)
     weight = model.layer1[0].conv1.weight
