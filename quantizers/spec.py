@@ -21,6 +21,17 @@ MIN_BITS, MAX_BITS = 2, 8
 CHECKPOINT_KEY = "quantization"
 
 
+def _shown(value: Any) -> str:
+    """A field's value as a config writes it: null, true/false, [a, b], {pattern: bits}."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, list | tuple):
+        return f"[{', '.join(_shown(v) for v in value)}]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_shown(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
 def _check_bits(value: Any, name: str, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -119,6 +130,14 @@ class QuantSpec:
         if not self.quantized:
             return self.method
         return f"{self.method} {precision_label(self.method, *self.recorded_bits)}"
+
+    def describe_differences(self, other: QuantSpec, names: tuple[str, str] = ("checkpoint", "config")) -> str:
+        """The fields in which two specs differ, each with both values, e.g. 'act_signed: checkpoint false,
+        config true; per_channel: ...': two specs with the same `describe()` label can differ in fields it
+        does not show (act_signed, per_channel, first/last layer bits, ...)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return "; ".join(f"{name}: {names[0]} {_shown(mine[name])}, {names[1]} {_shown(theirs[name])}"
+                         for name in mine if mine[name] != theirs[name])
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

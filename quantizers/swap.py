@@ -100,7 +100,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
             return model
         raise QuantSpecError(
             f"the model is already quantized as {current.describe()} and cannot be re-quantized as "
-            f"{spec.describe()} (a checkpoint's quantization must match the config's)"
+            f"{spec.describe()} ({current.describe_differences(spec, ('applied', 'asked'))}; a checkpoint's "
+            "quantization must match the config's)"
         )
     if not spec.quantized:
         return model

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from records.exits import EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR
-from records.measures import SCORE_METRICS
+from records.measures import COLLAPSED_METRIC, SCORE_METRICS
 from records.splits import CLEAN
 from records.store import RESULTS_FILE, move_rows, read_rows
 from study.grid import Cell, StudyConfig, StudyError
@@ -65,7 +65,7 @@ RESUMABLE = "interrupted, with a checkpoint"
 @dataclass
 class Outcome:
     cell: Cell
-    # finished | diverged | failed | interrupted (a signal; resumes next run) | skipped (done before)
+    # finished | collapsed (finished, a dead model) | diverged | failed | interrupted (a signal; resumes next run) | skipped (done before)
     # | busy (running elsewhere)
     status: str
     seconds: float = 0.0
@@ -74,12 +74,13 @@ class Outcome:
 
 
 def cell_status(rows: list[dict], cell: Cell) -> str | None:
-    """'finished' or 'diverged' from the store, or None when the cell still has to run."""
+    """'finished', 'collapsed' (finished, its model dead) or 'diverged' from the store, or None when the cell
+    still has to run."""
     mine = [r for r in rows if r["run"] == cell.name]
     if any(r["metric"] == "diverged" for r in mine):
         return "diverged"
     if any(r["metric"] in SCORE_METRICS and r["corruption"] == CLEAN for r in mine):
-        return "finished"
+        return "collapsed" if any(r["metric"] == COLLAPSED_METRIC for r in mine) else "finished"
     return None
 
 
@@ -278,10 +279,8 @@ class StudyRunner:
 
     def identity(self, cell: Cell) -> dict:
         """The cell's compared config now: its `cli.py fit` arguments parsed (nothing instantiated)."""
-        if self.resolve is None:
-            from cli import resolve_fit_config
-
-            self.resolve = resolve_fit_config
+        if self.resolve is None:  # the resolver is the entry point's (cli.resolve_fit_config): a study never imports it
+            raise StudyError("this study runner was built without a config resolver; it cannot check its cells")
         return compared_config(self.resolve(self.command(cell)[3:]))
 
     def changes(self, cell: Cell, compared: dict) -> list[tuple]:
@@ -405,9 +404,12 @@ class StudyRunner:
                 raise StudyError(f"cell {cell.name} was refused (exit status {code}; its output: "
                                  f"{self.cell_log(cell)}): fix the study's config or args")
             return Outcome(cell, "failed", seconds, detail=f"exit status {code}")
-        if cell_status(self.rows(), cell) is None:
+        status = cell_status(self.rows(), cell)
+        if status is None:
             return Outcome(cell, "failed", seconds, detail="it wrote no test results")
-        return Outcome(cell, "finished", seconds)
+        detail = "its model is dead (see its collapsed line); kept out of the report's measures" \
+            if status == "collapsed" else ""
+        return Outcome(cell, status, seconds, detail=detail)
 
     def run(self, only: int | None = None, force: bool = False) -> list[Outcome]:
         """Run every unfinished cell (or only cell number `only`, 0-based, for a job-array task), until a
@@ -453,3 +455,17 @@ def print_outcomes(outcomes: list[Outcome]) -> None:
     for o in outcomes:
         table.add_row(o.cell.name, o.status, f"{o.seconds / 60:.1f}" if o.seconds else "", o.detail)
     Console().print(table)
+    print(summary_line(outcomes), flush=True)
+
+
+def summary_line(outcomes: list[Outcome]) -> str:
+    """'study: 4 cells: 3 finished, 1 collapsed (lsq-w8a8-seed0)': every cell that gave no result to compare named."""
+    by_status: dict[str, list[str]] = {}
+    for o in outcomes:
+        # a cell finished earlier counts as what it ended as
+        status = o.detail if o.status == "skipped" and o.detail in ("finished", "collapsed", "diverged") else o.status
+        by_status.setdefault(status, []).append(o.cell.name)
+    named = ("collapsed", "diverged", "failed", "interrupted", "busy")
+    parts = [f"{len(cells)} {status}" + (f" ({', '.join(cells)})" if status in named else "")
+             for status, cells in by_status.items()]
+    return f"study: {len(outcomes)} cells: {', '.join(parts)}"
