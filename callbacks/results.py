@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
+from callbacks.collapse import collapse_reasons
 from quantizers import applied_spec
-from records.measures import corruption_means, detection_summary
+from records.measures import COLLAPSED_LAYERS_METRIC, COLLAPSED_METRIC, corruption_means, detection_summary
 from records.run_files import METRICS_FILE, PREDICTIONS_FILE, append_epoch_metrics, save_predictions
 from records.splits import CLEAN, TRAIN, split_columns, split_identity
 from records.store import RESULTS_FILE, append_rows
@@ -139,6 +141,11 @@ class ResultsCallback(L.Callback):
         for split_name, metrics in results.items():
             rows += [{**identity, **split_columns(split_name), "metric": metric, "value": value}
                      for metric, value in metrics.items()]
+        reasons, layers = collapse_reasons(pl_module.net, results)
+        if reasons:
+            clean = {**identity, **split_columns(CLEAN)}
+            rows += [{**clean, "metric": COLLAPSED_METRIC, "value": 1.0},
+                     {**clean, "metric": COLLAPSED_LAYERS_METRIC, "value": float(layers)}]
         append_rows(self.results_path(trainer), rows)
         predictions = getattr(pl_module, "test_predictions", None)
         if predictions:
@@ -155,6 +162,9 @@ class ResultsCallback(L.Callback):
             print_accuracy_table(map50, title=f"{described} test mAP50 (%)")
             print_detection_summary(map50)
             log_wandb_table(trainer, results)
+        if reasons:
+            print(f"qreg: collapsed: {identity['run']} ({described}): {'; '.join(reasons)}; recorded as collapsed, it "
+                  "is kept out of every delta, Eq. 5 and robustness measure", file=sys.stderr, flush=True)
 
 
 def print_detection_summary(map50: dict[str, float]) -> None:

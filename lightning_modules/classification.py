@@ -15,7 +15,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_modules.divergence import check_finite_loss
+from lightning_modules.divergence import check_finite_evaluation, check_finite_loss
 from lightning_modules.evaluation import test_split_names
 from lightning_modules.models import build_model
 from lightning_modules.rng import RNG_KEY, restore_rng_states, rng_states
@@ -23,6 +23,7 @@ from lightning_modules.task import TaskModule
 from quantizers import parameter_groups
 from quantizers.compiling import compile_after_initialization
 from records.measures import corruption_means
+from records.splits import CLEAN
 
 
 class ClassificationModule(TaskModule):
@@ -134,12 +135,16 @@ class ClassificationModule(TaskModule):
         self.test_acc.to(self.device)
         self.test_loss.to(self.device)
         self._correct: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        # Images per class of each split, on the device (index_add_, no host sync): the chance level a classifier
+        # that ignores its input reaches is the largest class's share.
+        self._label_counts = torch.zeros(n, num_classes, dtype=torch.int64, device=self.device)
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
         logits = self(images)
         self.test_acc[dataloader_idx].update(logits, labels)
         self.test_loss[dataloader_idx].update(F.cross_entropy(logits, labels, reduction="none"))
+        self._label_counts[dataloader_idx].index_add_(0, labels, torch.ones_like(labels))
         # Per-image correctness, for the report's paired bootstrap, kept on the device until the split ends.
         # Under DDP the sampler pads and interleaves the images, so the order is only kept on one process.
         if self.trainer.world_size == 1:
@@ -151,11 +156,17 @@ class ClassificationModule(TaskModule):
             name: torch.cat(chunks).cpu().numpy() for name, chunks in zip(names, self._correct, strict=True) if chunks
         }
         self.test_results = {}
-        for name, acc, loss in zip(names, self.test_acc, self.test_loss, strict=True):
+        counts = self.trainer.strategy.reduce(self._label_counts, reduce_op="sum")  # every rank's images
+        for index, (name, acc, loss) in enumerate(zip(names, self.test_acc, self.test_loss, strict=True)):
             # Accuracy in percent, the unit of the paper's tables and of its Eq. 5.
             self.test_results[name] = {"accuracy": 100.0 * acc.compute().item(), "loss": loss.compute().item()}
+            if name == CLEAN:
+                images = int(counts[index].sum())
+                self.test_results[name].update(images=float(images),
+                                               chance=100.0 * int(counts[index].max()) / max(images, 1))
             acc.reset()
             loss.reset()
+        check_finite_evaluation(self, {f"test/loss/{name}": m["loss"] for name, m in self.test_results.items()}, "test")
         for name, metrics in self.test_results.items():
             self.log(f"test/acc/{name}", metrics["accuracy"], add_dataloader_idx=False)
             self.log(f"test/loss/{name}", metrics["loss"], add_dataloader_idx=False)
@@ -174,7 +185,7 @@ class ClassificationModule(TaskModule):
         return sorted(set(epochs))
 
     def configure_optimizers(self):
-        groups = parameter_groups(self.net, self.hparams.weight_decay)
+        groups = parameter_groups(self.net, self.hparams.weight_decay, self.hparams.lr)
         optimizer = torch.optim.SGD(groups, lr=self.hparams.lr, momentum=self.hparams.momentum)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=self.milestone_epochs(), gamma=self.hparams.gamma

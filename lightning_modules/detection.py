@@ -285,7 +285,7 @@ class DetectionModule(TaskModule):
                 start = hp.warmup_bias_lr if group.get("name") == "biases" else 0.0
                 lr = start + (target - start) * step / warmup
                 momentum = hp.warmup_momentum + (hp.momentum - hp.warmup_momentum) * step / warmup
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # quantizer groups train at their spec's multiple
             if "momentum" in group:
                 group["momentum"] = momentum
             elif "betas" in group:

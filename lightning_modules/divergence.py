@@ -1,5 +1,9 @@
 """Stop a run whose loss stops being finite, naming where it went bad, without a host sync per step.
 
+Training losses are checked as below; validation and test losses once per evaluation (`check_finite_evaluation`):
+a network can train on finite batch-statistics losses while its running statistics, used in evaluation, are
+already NaN, and such a run must end as diverged, not store NaN as its result.
+
 Reading the loss on the host every step (`bool(torch.isfinite(loss))`) stalls a GPU's launch queue. Instead
 each step records on the device, with no read-back, the first step whose loss was not finite and that loss;
 the host reads the record once per `trainer.log_every_n_steps` and at the end of every epoch (and of
@@ -79,4 +83,23 @@ def check_finite_loss(module, loss: torch.Tensor) -> None:
         f"training diverged at step {first_step} (epoch {module.current_epoch}): loss is {value}; {where}; "
         "lower the learning rate or raise the bit width",
         step=first_step,
+    )
+
+
+def check_finite_evaluation(module, values: dict[str, float], stage: str) -> None:
+    """Raise TrainingDiverged when an evaluation's loss (or any logged value) is not finite; `values` are the
+    epoch's reduced numbers by name (one host read per evaluation, not per batch)."""
+    import math
+
+    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+    if not bad:
+        return
+    shown = ", ".join(f"{name} {value}" for name, value in list(bad.items())[:3])
+    culprit = first_non_finite(module.net)
+    where = (f"first non-finite tensor: {culprit}" if culprit
+             else "every parameter and buffer is finite, so the forward pass itself overflowed")
+    raise TrainingDiverged(
+        f"{stage} diverged after epoch {module.current_epoch} (step {module.global_step}): {shown}; {where}; "
+        "lower the learning rate or raise the bit width",
+        step=module.global_step,
     )

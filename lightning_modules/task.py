@@ -26,6 +26,7 @@ from typing import Any
 import lightning as L
 from torch import nn
 
+from lightning_modules.divergence import check_finite_evaluation
 from quantizers import CHECKPOINT_KEY, QuantSpec, quantize_model
 
 
@@ -55,3 +56,11 @@ class TaskModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.requantize(checkpoint)
+
+    def on_validation_end(self) -> None:
+        # The epoch's reduced validation numbers are in callback_metrics only now (after on_validation_epoch_end).
+        if self.trainer.sanity_checking:
+            return
+        values = {name: float(value) for name, value in self.trainer.callback_metrics.items()
+                  if name.startswith("val/") and getattr(value, "numel", lambda: 1)() == 1}
+        check_finite_evaluation(self, values, "validation")

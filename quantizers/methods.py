@@ -167,15 +167,17 @@ register(Method("noise", "matched noise", "tab:gray", weight=_matched_noise_weig
 @dataclass(frozen=True)
 class LearnedParameter:
     """A quantizer parameter trained beside the network: its attribute, the QuantSpec field holding its
-    weight decay, and its optimizer group's name."""
+    weight decay, its optimizer group's name, and the QuantSpec field of its learning-rate multiplier (None:
+    the network's rate)."""
 
     attribute: str
     decay_field: str
     group: str
+    lr_scale_field: str | None = None
 
 
 LEARNED_PARAMETERS: dict[type[nn.Module], LearnedParameter] = {
-    LSQQuantizer: LearnedParameter("step", "quantizer_weight_decay", "lsq_steps"),
+    LSQQuantizer: LearnedParameter("step", "quantizer_weight_decay", "lsq_steps", "quantizer_lr_scale"),
     PACTQuantizer: LearnedParameter("alpha", "pact_alpha_decay", "pact_alphas"),
 }
 

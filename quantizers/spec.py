@@ -61,6 +61,11 @@ class QuantSpec:
             SiLU); the default unsigned grid suits post-ReLU inputs and is checked on the first batch.
         quantizer_weight_decay: weight decay on LSQ step sizes. Off by default: in a study about
             regularization, a hidden regularizer on the quantizer would confound the result.
+        quantizer_lr_scale: learning-rate multiplier of the LSQ step sizes (their optimizer group). 0.1 by
+            default: trained from scratch at the paper's lr 0.1, a layer's step (one value that re-quantizes the
+            whole layer) drifted towards zero in the first epochs and one gradient then threw it hundreds of times
+            its size, rounding every weight to zero for good (docs/lsq_step.md); at lr x 0.1 (the LSQ paper's
+            0.01) no run of the same test did. 1 trains the steps at the network's rate.
         pact_alpha: initial PACT clipping level.
         pact_alpha_decay: PACT's own L2 penalty on alpha (its own optimizer group).
         exclude: module-name patterns (fnmatch) never quantized.
@@ -75,6 +80,7 @@ class QuantSpec:
     per_channel: bool = False
     act_signed: bool = False
     quantizer_weight_decay: float = 0.0
+    quantizer_lr_scale: float = 0.1
     pact_alpha: float = 10.0
     pact_alpha_decay: float = 2e-4
     exclude: tuple[str, ...] = ()
@@ -95,6 +101,9 @@ class QuantSpec:
             value = getattr(self, name)
             if not isinstance(value, int | float) or value < 0:
                 raise QuantSpecError(f"quantization.{name} must be a number >= 0, got {value!r}")
+        scale = self.quantizer_lr_scale
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 < scale < float("inf"):
+            raise QuantSpecError(f"quantization.quantizer_lr_scale must be a number > 0, got {scale!r}")
         if not isinstance(self.pact_alpha, int | float) or not self.pact_alpha > 0:
             raise QuantSpecError(f"quantization.pact_alpha must be > 0, got {self.pact_alpha!r}")
         if self.act_signed and not REGISTRY[self.method].signed_inputs:

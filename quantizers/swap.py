@@ -128,23 +128,29 @@ def _learned(module: nn.Module):
     return next((entry for cls, entry in LEARNED_PARAMETERS.items() if isinstance(module, cls)), None)
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def parameter_groups(model: nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
     """Optimizer groups: network parameters, then each kind of learned quantizer parameter (LSQ steps, PACT
-    alphas) in a group of its own with the weight decay its spec field gives.
+    alphas) in a group of its own with the weight decay its spec field gives and its learning-rate multiplier
+    (`lr_scale`; the group's `lr` is `lr * lr_scale` when `lr` is given; a schedule that sets the rates itself
+    multiplies by `lr_scale`).
 
     Quantizer parameters must exist before the optimizer is built, or they never train.
     """
     spec = applied_spec(model)
-    learned: dict[str, tuple[float, list[nn.Parameter]]] = {}
+    learned: dict[str, tuple[float, float, list[nn.Parameter]]] = {}
     for module in model.modules():
         entry = _learned(module)
         if entry is not None:
             decay = getattr(spec, entry.decay_field)
-            learned.setdefault(entry.group, (decay, []))[1].append(getattr(module, entry.attribute))
-    special = {id(p) for _, params in learned.values() for p in params}
+            scale = getattr(spec, entry.lr_scale_field) if entry.lr_scale_field else 1.0
+            learned.setdefault(entry.group, (decay, scale, []))[2].append(getattr(module, entry.attribute))
+    special = {id(p) for *_, params in learned.values() for p in params}
     groups = [{"params": [p for p in model.parameters() if id(p) not in special], "weight_decay": weight_decay}]
-    for name, (decay, params) in learned.items():
-        groups.append({"params": params, "weight_decay": decay, "name": name})
+    for name, (decay, scale, params) in learned.items():
+        group = {"params": params, "weight_decay": decay, "name": name, "lr_scale": scale}
+        if lr is not None:
+            group["lr"] = lr * scale
+        groups.append(group)
     return groups
 
 

@@ -8,6 +8,8 @@ records.splits).
 - Corruption means: per corruption over its severities, and over every corrupted split.
 - P / mPC / rPC (Michaelis et al. 2019): clean score, mean over the 15 benchmark corruptions, their ratio.
 - Relative robustness (mean corrupted / clean): the classification analogue of rPC.
+- Chance level: the accuracy bound below which a classifier is indistinguishable from one that ignores its input
+  (a collapsed run, kept out of every comparison).
 - mCE with FP32 as the baseline (Hendrycks & Dietterich 2019): per corruption, the model's error summed over
   severities divided by the baseline's, averaged over the 15 benchmark corruptions (theirs; the 4 extra ones
   are left out, so figures compare with the ImageNet-C literature); below 100 % means more robust.
@@ -23,6 +25,10 @@ from records.splits import BENCHMARK_CORRUPTIONS, CLEAN, corruption_of
 
 # The per-split score of a classification / detection run, in percent: a run with a clean row of one is tested.
 SCORE_METRICS = ("accuracy", "map50")
+# A run whose tested model is dead (records its clean split with value 1, and how many quantized layers sit on
+# one level): the report keeps it out of every delta, Eq. 5 and robustness measure, as a diverged run.
+COLLAPSED_METRIC = "collapsed"
+COLLAPSED_LAYERS_METRIC = "collapsed_layers"
 
 
 def error_improvement(fp_acc: float, q_acc: float) -> float:
@@ -35,6 +41,18 @@ def error_improvement(fp_acc: float, q_acc: float) -> float:
     if math.isnan(fp_acc + q_acc) or fp_acc >= 100.0 or q_acc >= 100.0:
         return math.nan
     return 100.0 * math.log10((100.0 - fp_acc) / (100.0 - q_acc))
+
+
+# One-sided 99 % quantile of the normal distribution: an accuracy below chance + 2.326 standard errors is not
+# evidence that the model looks at its input.
+CHANCE_Z = 2.326
+
+
+def chance_bound(chance: float, images: int) -> float:
+    """The highest clean accuracy (percent) still at chance level: `chance` (the largest class's share, what a
+    constant classifier scores) plus 2.326 binomial standard errors over `images` test images."""
+    p = min(max(chance / 100.0, 0.0), 1.0)
+    return 100.0 * (p + CHANCE_Z * math.sqrt(p * (1.0 - p) / max(images, 1)))
 
 
 def corruption_means(accuracy_by_split: Mapping[str, float]) -> dict[str, float]:

@@ -72,3 +72,32 @@ args: ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--tra
     assert "diverged" in capsys.readouterr().out
     report = (tmp_path / "out" / "report" / "report.md").read_text()
     assert "Diverged runs" in report and "lsq-w2a2-seed0 (step" in report
+
+
+def test_a_validation_loss_that_is_not_finite_ends_the_run_as_diverged(digits_fast_args, tmp_path, capsys):
+    """FP32 at lr 1000: the training losses stay finite (batch statistics), the validation loss is NaN (running
+    statistics): exit 3 with one line, a diverged row, and no NaN stored as a result."""
+    assert run_cli("fit", *digits_fast_args, "--model.init_args.lr", "1000") == 3
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if "qreg:" in line]
+    assert "Traceback" not in captured.err + captured.out
+    assert len(err) == 1 and err[0].startswith("qreg: diverged: validation diverged after epoch 0")
+    assert "val/loss nan" in err[0]
+    rows = read_rows(tmp_path / "run" / "results.jsonl")
+    assert [r["metric"] for r in rows] == ["diverged"]
+
+
+def test_a_test_loss_that_is_not_finite_is_not_stored(digits_fast_args, tmp_path, capsys):
+    """A checkpoint whose weights give NaN in evaluation: `test` ends as diverged (status 3), no NaN rows."""
+    assert run_cli("fit", *digits_fast_args, "--test_after_fit", "false") == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(ckpt, weights_only=False, map_location="cpu")
+    checkpoint["state_dict"]["net.fc.weight"].fill_(float("nan"))
+    torch.save(checkpoint, tmp_path / "nan.ckpt")
+    out = tmp_path / "tested"
+    args = [a if a != str(tmp_path / "run") else str(out) for a in digits_fast_args]
+    assert run_cli("test", *args, "--ckpt_path", str(tmp_path / "nan.ckpt")) == 3
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qreg:")]
+    assert len(err) == 1 and "test diverged" in err[0] and "tensor: fc.weight" in err[0]
+    rows = read_rows(out / "results.jsonl")
+    assert [r["metric"] for r in rows] == ["diverged"]

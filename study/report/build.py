@@ -139,7 +139,9 @@ def _table1_row(study: Study, experiment, method: str, bits: str, cells: list[Ce
     finished = [c for c in cells if c.scores]
     if not finished:
         diverged = [c for c in cells if c.diverged_at is not None]
-        note = f"diverged at step {int(diverged[0].diverged_at)}" if diverged else "no results"
+        collapsed = [c for c in cells if c.collapsed]
+        note = (f"diverged at step {int(diverged[0].diverged_at)}" if diverged
+                else collapsed[0].collapse_note if collapsed else "no results")
         return [model, dataset, method, bits, 0, note, "", "", "", "", ""]
     q_acc = markdown.mean_of([c.corrupted_mean() for c in finished])
     corrupted = paired_delta(study, finished, baselines, None)

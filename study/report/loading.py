@@ -13,7 +13,7 @@ import numpy as np
 
 from quantizers import FLOAT_BITS, precision_label
 from quantizers.methods import FP32
-from records.measures import SCORE_METRICS, mean_corrupted
+from records.measures import COLLAPSED_LAYERS_METRIC, COLLAPSED_METRIC, SCORE_METRICS, mean_corrupted
 from records.run_files import (
     METRICS_FILE,
     PREDICTIONS_FILE,
@@ -43,6 +43,13 @@ class CellResult:
     scores: dict[str, float] = field(default_factory=dict)  # split name -> accuracy (or mAP50), percent
     metric: str = "accuracy"
     diverged_at: float | None = None
+    # A collapsed run (its model dead: chance-level clean accuracy or a layer on one level): its scores and train
+    # measures are set aside here, so that nothing compares them; the report names it with why.
+    collapsed: bool = False
+    collapsed_layers: int = 0
+    collapsed_scores: dict[str, float] = field(default_factory=dict)
+    chance: float | None = None  # the largest class's share of the clean test set, percent
+    images: int | None = None  # clean test images
     test_loss: float | None = None  # on the clean test set
     train: dict[str, float] = field(default_factory=dict)  # measures on training images (FlatnessCallback)
     theorem: dict[int, dict[str, float]] = field(default_factory=dict)  # bits -> theorem_* measures
@@ -66,6 +73,18 @@ class CellResult:
         if self.epoch is None and self.step is None:
             return ""
         return f"{'' if self.epoch is None else self.epoch} / {'' if self.step is None else self.step}"
+
+    @property
+    def collapse_note(self) -> str:
+        """'collapsed: clean 9.17 % (chance 10.03 %), 1 layer on one level'."""
+        parts = []
+        clean = self.collapsed_scores.get(CLEAN)
+        if clean is not None:
+            chance = f" (chance {self.chance:.2f} %)" if self.chance is not None else ""
+            parts.append(f"clean {clean:.2f} %{chance}")
+        if self.collapsed_layers:
+            parts.append(f"{self.collapsed_layers} layer{'s' if self.collapsed_layers > 1 else ''} on one level")
+        return "collapsed: " + ", ".join(parts) if parts else "collapsed"
 
     def per_corruption(self) -> dict[str, float]:
         """Clean score and, per corruption, the mean over its severities."""
@@ -110,6 +129,14 @@ def load_cells(study_dir: Path) -> tuple[list[CellResult], str | None]:
         metric, value = row["metric"], row["value"]
         if metric == "diverged":
             cell.diverged_at = value
+        elif metric == COLLAPSED_METRIC:
+            cell.collapsed = True
+        elif metric == COLLAPSED_LAYERS_METRIC:
+            cell.collapsed_layers = int(value)
+        elif metric == "chance" and split == CLEAN:
+            cell.chance = value
+        elif metric == "images" and split == CLEAN:
+            cell.images = int(value)
         elif metric.startswith("theorem_"):
             cell.theorem.setdefault(row["weight_bits"], {})[metric] = value
         elif row["split"] == "train":
@@ -124,7 +151,11 @@ def load_cells(study_dir: Path) -> tuple[list[CellResult], str | None]:
             cell.epoch, cell.step = row["epoch"], row["step"]
         elif metric == "loss" and split == CLEAN:
             cell.test_loss = value
-    if not any(c.scores or c.diverged_at is not None for c in cells.values()):
+    for cell in cells.values():
+        if cell.collapsed:  # out of every comparison, like a diverged run; its scores kept only to say why
+            cell.collapsed_scores, cell.scores = cell.scores, {}
+            cell.train, cell.theorem = {}, {}
+    if not any(c.scores or c.diverged_at is not None or c.collapsed for c in cells.values()):
         raise StudyError(f"no results in {path}: run the study's cells first (cli.py study --config ...)")
     return list(cells.values()), (studies[0] if studies else None)
 
