@@ -38,7 +38,11 @@ def test_fit_writes_checkpoint_metrics_and_results_and_test_reproduces_them(digi
     assert {(r["method"], r["weight_bits"], r["act_bits"], r["model"], r["dataset"]) for r in rows} == {
         ("lsq", 4, 4, "resnet20", "digits")
     }
-    assert {r["metric"] for r in rows if r["split"] == "test"} == {"accuracy", "loss"}
+    assert {r["metric"] for r in rows if r["split"] == "test" and r["corruption"] != "clean"} <= {"accuracy", "loss"}
+    clean = {r["metric"]: r["value"] for r in rows if r["corruption"] == "clean"}
+    # three training batches leave the model at chance: recorded as collapsed, with what the verdict rests on
+    assert set(clean) == {"accuracy", "loss", "images", "chance", "collapsed", "collapsed_layers"}
+    assert clean["images"] == 360 and clean["collapsed"] == 1.0
 
     # Evaluating the checkpoint with an FP32 config: the checkpoint's spec rebuilds the quantized layers.
     assert run_cli("test", *digits_fast_args, "--ckpt_path", str(checkpoint)) == 0

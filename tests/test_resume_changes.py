@@ -116,12 +116,13 @@ def test_a_new_learning_rate_is_refused_then_honoured_when_allowed(world, tmp_pa
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "model.init_args.lr (checkpoint 0.1, now 0.3) (accepted by --resume_changes allow)" in err, err[-3000:]
-    assert "lr 0.3, current lr" in err, err[-3000:]
+    assert "lr 0.03/0.3, current lr" in err, err[-3000:]  # the LSQ steps' group at quantizer_lr_scale 0.1
     # the optimizer trained epoch 1 at the new lr, at the same point of the schedule
     assert epoch_rows(run)[1]["lr"] == pytest.approx(0.3 * decay)
     new = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
     assert new["epoch"] == 1 and new["hyper_parameters"]["lr"] == 0.3
-    assert all(g["initial_lr"] == 0.3 for g in new["optimizer_states"][0]["param_groups"])
+    rates = {g.get("name", "network"): g["initial_lr"] for g in new["optimizer_states"][0]["param_groups"]}
+    assert rates == {"network": 0.3, "lsq_steps": pytest.approx(0.03)}
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["model"]["init_args"]["lr"] == 0.3 and "resume_changes" not in config  # the consent is not kept
     [entry] = yaml.safe_load((run / CHANGES_FILE).read_text())
