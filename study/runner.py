@@ -65,7 +65,8 @@ RESUMABLE = "interrupted, with a checkpoint"
 @dataclass
 class Outcome:
     cell: Cell
-    # finished | collapsed (finished, a dead model) | diverged | failed | interrupted (a signal; resumes next run) | skipped (done before)
+    # finished | collapsed (finished, a dead model) | diverged | failed | interrupted (a signal; resumes next run)
+    # | skipped (done before)
     # | busy (running elsewhere)
     status: str
     seconds: float = 0.0

@@ -14,10 +14,10 @@ from conftest import run_cli
 from quantizers import LSQQuantizer, QuantSpec, QuantSpecError, parameter_groups, quantize_model
 from quantizers.health import COLLAPSED_LEVEL_SHARE, collapsed_layers, dominant_level_share
 from records.measures import COLLAPSED_METRIC, chance_bound
-from records.store import append_rows, read_rows
-from study.report import write_report
 from records.splits import CORRUPTIONS
+from records.store import append_rows, read_rows
 from study.grid import Cell
+from study.report import write_report
 from study.runner import Outcome, summary_line
 
 BASE = ["--data", "DigitsDataModule", "--model", "ClassificationModule", "--trainer.max_epochs", "1",

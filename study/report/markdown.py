@@ -230,9 +230,9 @@ def document(study: Study, table1: list[list[Any]], robustness_sections: list[st
         lines += ["**Diverged runs:** " + ", ".join(f"{c.run} (step {int(c.diverged_at)})" for c in diverged), ""]
     collapsed = [c for c in study.cells if c.collapsed]
     if collapsed:
-        lines += ["**Collapsed runs** (a dead model: clean accuracy at chance level, or a quantized layer whose weights "
-                  "sit on one level; left out of every delta, Eq. 5 and robustness measure, like a diverged run): "
-                  + "; ".join(f"{c.run} ({c.collapse_note})" for c in collapsed), ""]
+        lines += ["**Collapsed runs** (a dead model: clean accuracy at chance level, or a quantized layer whose "
+                  "weights sit on one level; left out of every delta, Eq. 5 and robustness measure, like a diverged "
+                  "run): " + "; ".join(f"{c.run} ({c.collapse_note})" for c in collapsed), ""]
     if robustness_sections:
         lines += ["## Robustness measures side by side", "", *robustness_sections]
     if detection:
