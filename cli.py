@@ -650,7 +650,7 @@ def study_command(args: list[str]) -> None:
         again = shlex.join([sys.executable, str(Path(__file__).resolve()), "study", *args])
         raise StudyInterrupted(status, f"study stopped: {what}; no further cell was started. Resume with: {again}")
     failed = [o for o in outcomes if o.status == "failed"]
-    reportable = any(o.status in ("finished", "skipped", "diverged") for o in outcomes)
+    reportable = any(o.status in ("finished", "collapsed", "skipped", "diverged") for o in outcomes)
     if config.cell is None and config.report and (reportable or not failed):
         print(f"report: {write_report(runner.directory)}")
     if failed:
