@@ -32,7 +32,11 @@ def load_run(run_dir: Path):
     if not config_file.is_file() or not checkpoint.is_file():
         raise StudyError(f"{run_dir} is not a finished run: it needs config.yaml and checkpoints/last.ckpt")
     position = read_checkpoint(checkpoint)  # a damaged or foreign file: one line naming it
-    config = yaml.safe_load(config_file.read_text())
+    try:
+        config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as error:
+        raise StudyError(f"{config_file} is not a readable run config ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0]}); restore the one the run's fit wrote") from None
     parser = ArgumentParser()
     parser.add_subclass_arguments(LightningDataModule, "data")
     datamodule = parser.instantiate_classes(parser.parse_object({"data": config["data"]})).data

@@ -165,3 +165,16 @@ def test_the_study_summary_line_names_collapsed_and_diverged_cells():
     line = summary_line(outcomes)
     assert line == ("study: 4 cells: 1 finished, 2 collapsed (lsq-w8a8-seed0, lsq-w2a2-seed0), "
                     "1 diverged (lsq-w4a4-seed0)")
+
+
+def test_a_score_row_of_an_unknown_split_is_blamed_on_its_line(tmp_path, capsys):
+    rows = rows_for("fp32-seed0", "fp32", 32, 0, 92.0, {c: [80.0] * 5 for c in CORRUPTIONS[:2]})
+    rows[3]["split"] = "tset"  # a typo a hand edit leaves behind
+    append_rows(tmp_path / "results.jsonl", rows)
+    store = (tmp_path / "results.jsonl").read_bytes()
+    assert run_cli("report", str(tmp_path), "--wandb", "false") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = [e for e in err.splitlines() if e.startswith("qreg: error:")]
+    assert "results.jsonl:4" in line and "'tset'" in line
+    assert (tmp_path / "results.jsonl").read_bytes() == store and not (tmp_path / "report").exists()

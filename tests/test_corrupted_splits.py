@@ -116,6 +116,9 @@ def test_release_errors(tmp_path):
         release.images("frost", 1)
     with pytest.raises(DataError, match="MD5SUMS"):
         CIFARCRelease(tmp_path, labels, verify_md5=True)
+    (tmp_path / "MD5SUMS").write_bytes(b"\xe9t\xe9  fog.npy\n")  # Latin-1, not a listing md5sum writes
+    with pytest.raises(DataError, match=r"MD5SUMS is not UTF-8 text \(byte 0 is 0xe9\)"):
+        CIFARCRelease(tmp_path, labels, verify_md5=True)
     good = hashlib.md5((tmp_path / "fog.npy").read_bytes()).hexdigest()
     (tmp_path / "MD5SUMS").write_text(f"{good}  fog.npy\n{'0' * 32}  snow.npy\n")
     checked = CIFARCRelease(tmp_path, labels, verify_md5=True)

@@ -98,3 +98,11 @@ def test_theorem_command_on_a_trained_fp32_run(digits_fast_args, tmp_path, capsy
     assert all(math.isfinite(by_bits[(b, "theorem_gradient_norm_term")]) for b in (2, 8))
     assert "Theorem 3.1" in capsys.readouterr().out
     assert run_cli("theorem", str(tmp_path / "nothing")) == 2
+    # a run config that is not UTF-8 (edited by hand in another encoding): one line, nothing appended
+    store = (tmp_path / "run" / "results.jsonl").read_bytes()
+    config = tmp_path / "run" / "config.yaml"
+    config.write_bytes(config.read_bytes().replace(b"# lightning", b"# \xe9 lightning", 1))
+    assert run_cli("theorem", str(tmp_path / "run"), "--bits", "[8]") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "config.yaml is not a readable run config (UnicodeDecodeError" in err
+    assert (tmp_path / "run" / "results.jsonl").read_bytes() == store

@@ -215,8 +215,13 @@ class CIFARCRelease:
         listing = self.root / "MD5SUMS"
         if not listing.is_file():
             raise DataError(f"verify_md5 needs {listing} ('<md5>  <file>' lines, as md5sum writes them)")
+        try:
+            text = listing.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{listing} is not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x}); "
+                            "it should hold '<md5>  <file>' lines, as md5sum writes them") from None
         sums = {}
-        for line in listing.read_text().splitlines():
+        for line in text.splitlines():
             if line.strip():
                 digest, _, name = line.strip().partition("  ")
                 sums[name.strip().lstrip("*")] = digest

@@ -141,6 +141,9 @@ def load_cells(study_dir: Path) -> tuple[list[CellResult], str | None]:
             cell.theorem.setdefault(row["weight_bits"], {})[metric] = value
         elif row["split"] == "train":
             cell.train[metric] = value
+        elif row["split"] != "test":  # a hand-edited row would otherwise be read as a test split
+            raise StudyError(f"{path}:{line}: run {row['run']}'s row has split {row['split']!r}; a results row's split "
+                             "is 'test' or 'train': fix or delete that line")
         elif metric in SCORE_METRICS:
             if not (isinstance(value, int | float) and math.isfinite(value) and 0.0 <= value <= 100.0):
                 raise StudyError(f"{path}: run {row['run']} has {metric} {value!r} on split {split}, not a percentage "
