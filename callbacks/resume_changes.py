@@ -37,17 +37,28 @@ from quantizers import CHECKPOINT_KEY, QuantSpec
 
 CHANGES_FILE = "resume-changes.yaml"
 
-IGNORED = (
-    "config", "ckpt_path", "weights_only", "resume_changes", "test_after_fit", "results", "results.*",
+# Keys that never change what a run trains or tests: where its files and rows go, how it is shown and logged, how
+# many processes load data or make the corrupted splits and where they are cached, where it runs, and one command's
+# own options. A study cell's identity leaves out exactly these (study/identity.py).
+BOOKKEEPING = (
+    "config", "ckpt_path", "weights_only", "resume_changes", "results", "results.*",
     "trainer.default_root_dir", "trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.log_every_n_steps", "trainer.profiler", "trainer.enable_checkpointing", "trainer.num_sanity_val_steps",
-    "trainer.limit_test_batches", "trainer.limit_predict_batches", "trainer.accelerator", "trainer.detect_anomaly",
+    "trainer.accelerator",
+    "data.init_args.num_workers", "data.init_args.download",
+    "data.init_args.corrupted_test.cache_dir", "data.init_args.corrupted_test.workers",
+    "data.init_args.corrupted_test.verify_md5",
+    "quantization.log_every_n_epochs",
+)
+# A resume also ignores what only changes how the run is tested or how fast it computes (a study cell does not:
+# it is tested as its config says).
+IGNORED = (
+    *BOOKKEEPING, "test_after_fit",
+    "trainer.limit_test_batches", "trainer.limit_predict_batches", "trainer.detect_anomaly",
     "trainer.benchmark", "trainer.deterministic", "trainer.inference_mode", "trainer.enable_autolog_hparams",
     "trainer.model_registry", "trainer.plugins", "trainer.barebones", "trainer.fast_dev_run",
-    "data.init_args.num_workers", "data.init_args.eval_batch_size", "data.init_args.device_resident",
-    "data.init_args.download", "data.init_args.corrupted_test.workers", "data.init_args.corrupted_test.cache_dir",
-    "data.init_args.corrupted_test.release_root", "data.init_args.corrupted_test.verify_md5",
-    "model.init_args.num_classes", "quantization.log_every_n_epochs",
+    "data.init_args.eval_batch_size", "data.init_args.device_resident",
+    "data.init_args.corrupted_test.release_root", "model.init_args.num_classes",
 )
 RECORDED = (
     "trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "trainer.min_epochs", "trainer.min_steps",

@@ -3,8 +3,9 @@
 Before a study runs anything, each cell's config is resolved as its fit would parse it (`cli.resolve_fit_config`:
 a parse, no data, no model) and compared with the config the cell's folder was trained with (its `config.yaml`,
 written by the fit; else the `cell.json` the runner wrote when the cell started). Keys that do not change what a
-cell trains or tests (`IGNORED_KEYS`) are left out; every other key is the cell's identity, and its digest (sha256
-of the canonical JSON, 12 hex characters) is recorded in `<cell>/cell.json` beside the compared config.
+cell trains or tests (`callbacks.resume_changes.BOOKKEEPING`) are left out; every other key is the cell's
+identity, and its digest (sha256 of the canonical JSON, 12 hex characters) is recorded in `<cell>/cell.json`
+beside the compared config.
 
 The study folder records the study it belongs to in `<study>/study.json`.
 """
@@ -20,25 +21,12 @@ from typing import Any
 
 import yaml
 
+from callbacks.resume_changes import BOOKKEEPING
 from records.store import write_atomically
 
 CELL_FILE = "cell.json"
 STUDY_FILE = "study.json"
 
-# Keys of a cell's resolved config that do not change what it trains or tests, left out of its identity: where
-# its files and rows go (run folder, results store, study and run names), how it is shown and logged, how many
-# processes load data or make the corrupted splits and where they are cached, where it runs (accelerator), and
-# one command's own options (a resume's checkpoint, its consent to changes). Patterns as fnmatch on dotted keys.
-IGNORED_KEYS = (
-    "config", "ckpt_path", "weights_only", "resume_changes", "results", "results.*",
-    "trainer.default_root_dir", "trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-    "trainer.log_every_n_steps", "trainer.profiler", "trainer.enable_checkpointing", "trainer.num_sanity_val_steps",
-    "trainer.accelerator",
-    "data.init_args.num_workers", "data.init_args.download",
-    "data.init_args.corrupted_test.cache_dir", "data.init_args.corrupted_test.workers",
-    "data.init_args.corrupted_test.verify_md5",
-    "quantization.log_every_n_epochs",
-)
 # Mappings whose keys are the user's (module-name patterns -> bits): compared whole, never key by key.
 LEAF_MAPS = ("quantization.layer_bits",)
 SHOWN = 3  # differing keys named per cell before "and N more"
@@ -46,7 +34,7 @@ MISSING = object()
 
 
 def _ignored(key: str) -> bool:
-    return any(fnmatch.fnmatchcase(key, pattern) for pattern in IGNORED_KEYS)
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in BOOKKEEPING)  # never what a cell trains or tests
 
 
 def _plain(value: Any) -> Any:

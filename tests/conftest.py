@@ -42,6 +42,18 @@ def assert_yolo_lsq_policy(net, heads: dict, body_layers: int) -> None:
     assert all(m.input_quantizer.signed for m in body) and len({id(m.input_quantizer) for m in body}) == body_layers
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for the test: on a shared 2-core machine, two OpenMP threads under load ran YOLO 10x
+    slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_cli(*args: str) -> int:
     """Run `python cli.py ARGS` in-process and return its exit status."""
     from cli import main

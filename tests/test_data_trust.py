@@ -36,13 +36,7 @@ NO_CORRUPTIONS = ["--data.init_args.corrupted_test.corruptions", "[]"]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: YOLO on a shared 2-core machine is much slower with two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # YOLO on 2 shared cores (conftest)
 
 
 def image_folder(root: Path, per_class: int = 2, suffix: dict[str, str] | None = None) -> Path:

@@ -69,13 +69,7 @@ FAST_TRAINING = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two OpenMP threads under load ran YOLO 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # YOLO on 2 shared cores (conftest)
 
 
 # ---------------------------------------------------------------------------------------------- the model
