@@ -12,6 +12,8 @@ the host reads the record once per `trainer.log_every_n_steps` and at the end of
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -75,31 +77,29 @@ def check_finite_loss(module, loss: torch.Tensor) -> None:
     if diverged is None:
         return
     first_step, value = diverged
-    culprit = first_non_finite(module.net)
     when = "" if first_step == step else f" at step {step}, when checked"
-    where = (f"first non-finite tensor{when}: {culprit}" if culprit
-             else "every parameter is finite, so the forward pass itself overflowed")
     raise TrainingDiverged(
-        f"training diverged at step {first_step} (epoch {module.current_epoch}): loss is {value}; {where}; "
-        "lower the learning rate or raise the bit width",
+        f"training diverged at step {first_step} (epoch {module.current_epoch}): loss is {value}; "
+        f"{_culprit(module, when)}; lower the learning rate or raise the bit width",
         step=first_step,
     )
+
+
+def _culprit(module, when: str = "") -> str:
+    culprit = first_non_finite(module.net)
+    return (f"first non-finite tensor{when}: {culprit}" if culprit
+            else "every parameter and buffer is finite, so the forward pass itself overflowed")
 
 
 def check_finite_evaluation(module, values: dict[str, float], stage: str) -> None:
     """Raise TrainingDiverged when an evaluation's loss (or any logged value) is not finite; `values` are the
     epoch's reduced numbers by name (one host read per evaluation, not per batch)."""
-    import math
-
     bad = {name: value for name, value in values.items() if not math.isfinite(value)}
     if not bad:
         return
     shown = ", ".join(f"{name} {value}" for name, value in list(bad.items())[:3])
-    culprit = first_non_finite(module.net)
-    where = (f"first non-finite tensor: {culprit}" if culprit
-             else "every parameter and buffer is finite, so the forward pass itself overflowed")
     raise TrainingDiverged(
-        f"{stage} diverged after epoch {module.current_epoch} (step {module.global_step}): {shown}; {where}; "
-        "lower the learning rate or raise the bit width",
+        f"{stage} diverged after epoch {module.current_epoch} (step {module.global_step}): {shown}; "
+        f"{_culprit(module)}; lower the learning rate or raise the bit width",
         step=module.global_step,
     )
