@@ -25,16 +25,17 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from quantizers import CHECKPOINT_KEY
 from records.store import write_atomically
+from user_errors import UserError
 
 # What every checkpoint qreg writes holds; a file without them is not one of qreg's (or is damaged).
 REQUIRED_KEYS = ("state_dict", "epoch", "global_step", CHECKPOINT_KEY)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file that cannot be used: missing, not a file, unreadable, or not one of qreg's."""
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(OSError, UserError):
     """A checkpoint that could not be written (no space, read-only folder); nothing partial is left."""
 
     def __str__(self) -> str:

@@ -34,6 +34,7 @@ import lightning as L
 import yaml
 
 from quantizers import CHECKPOINT_KEY, QuantSpec
+from user_errors import UserError
 
 CHANGES_FILE = "resume-changes.yaml"
 
@@ -86,7 +87,7 @@ SHOWN = 4  # differences named in a refusal before "and N more"
 UNSET = object()
 
 
-class ResumeRefused(ValueError):
+class ResumeRefused(UserError):
     """A resume whose config differs from its checkpoint's run, or a fit into a folder that holds a run."""
 
 
@@ -144,82 +145,6 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-
-
-def checkpoint_run_folder(ckpt_path: str | os.PathLike) -> Path:
-    """The run folder a checkpoint belongs to: `<run>/checkpoints/*.ckpt`, or `<run>/hpc_ckpt_*.ckpt`."""
-    path = Path(ckpt_path).absolute()
-    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
-
-
-def holds_run(folder: Path) -> bool:
-    return (folder / "config.yaml").is_file() or any((folder / "checkpoints").glob("*.ckpt"))
-
-
-def continued_in_place(folder: Path) -> str | None:
-    """Why a fit without --ckpt_path may go on in a folder that holds a run: a study restarting its cell from
-    scratch (no checkpoint of it loads), or a SLURM requeue (Lightning resumes its own hpc checkpoint)."""
-    if folder.parent.name == "cells" and (folder / ".cell.lock").exists():
-        return "study cell"
-    if any(folder.glob("hpc_ckpt_*.ckpt")):
-        return "hpc checkpoint"
-    if os.environ.get("SLURM_RESTART_COUNT", "0").strip() not in ("", "0"):
-        return "SLURM requeue"
-    return None
-
-
-def refuse_existing_run(folder: Path) -> None:
-    """A fit without --ckpt_path into a folder that already holds a run: one line, nothing there touched."""
-    if not holds_run(folder) or continued_in_place(folder):
-        return
-    last = folder / "checkpoints" / "last.ckpt"
-    resume = (f"or continue it with --ckpt_path {last}" if last.is_file()
-              else "(it holds no checkpoints/last.ckpt to continue from)")
-    raise ResumeRefused(f"run folder {folder} already holds a run (config.yaml, checkpoints): choose a new folder "
-                        "with --trainer.default_root_dir (or leave it unset for a fresh runs/<config>-<time>), "
-                        f"{resume}")
-
-
-def refuse_foreign_folder(folder: Path, ckpt_path: str) -> None:
-    """A resume written into a folder that holds another run (not the checkpoint's)."""
-    run = checkpoint_run_folder(ckpt_path)
-    if run.resolve() == folder.absolute().resolve() or not holds_run(folder):
-        return
-    raise ResumeRefused(f"run folder {folder} holds another run than checkpoint {ckpt_path}'s ({run}): continue "
-                        f"that run in its own folder (--trainer.default_root_dir {run}) or choose a new folder")
-
-
-def resumed_run_folder(ckpt_path: str | os.PathLike) -> Path | None:
-    """The run folder a resume from `ckpt_path` continues when no --trainer.default_root_dir is given: the
-    checkpoint's own run (`<run>/checkpoints/*.ckpt`, `<run>/hpc_ckpt_*.ckpt`), as the path names it; None for
-    a checkpoint outside a run folder (its resume starts a new run folder)."""
-    path = Path(ckpt_path)
-    if path.parent.name == "checkpoints":
-        run = path.parent.parent
-    elif path.name.startswith("hpc_ckpt_"):
-        run = path.parent
-    else:
-        return None
-    return run if holds_run(run) else None
-
-
-def refuse_rewriting_history(folder: Path, ckpt_path: str) -> None:
-    """A resume from an earlier checkpoint of a run (`best-<epoch>.ckpt`) into that run's own folder, beside its
-    later `last.ckpt`: going on there would overwrite the run's later history (its last.ckpt, the later epochs
-    of metrics.jsonl, its results and W&B run). A study resumes a cell from `best-*.ckpt` only when its
-    `last.ckpt` did not load (and was renamed `.damaged`): that is allowed, there is no later checkpoint."""
-    path = Path(ckpt_path)
-    run = checkpoint_run_folder(path)
-    last = run / "checkpoints" / "last.ckpt"
-    if path.name == last.name or path.name.startswith("hpc_ckpt_") or not last.is_file():
-        return
-    if run.resolve() != folder.absolute().resolve():
-        return
-    shown = path.parent / last.name if path.parent.name == "checkpoints" else last  # as the user spelled the path
-    raise ResumeRefused(f"resuming {ckpt_path} in its own run folder {run} would rewrite that run's later history "
-                        f"(its {last.name}, the later epochs of metrics.jsonl, its results): continue the run from "
-                        f"{shown}, or start a new run from this checkpoint with --trainer.default_root_dir "
-                        "<new folder>")
 
 
 def previous_config(run_config: dict[str, Any] | None, checkpoint: dict[str, Any] | None) -> dict[str, Any]:

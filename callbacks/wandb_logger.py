@@ -1,14 +1,49 @@
 """`ResilientWandbLogger`: W&B that never takes a training run down.
 
-A missing key means offline logging (decided in cli.py); anything else going wrong when the W&B run starts
+A missing key means offline logging (`run_logger`); anything else going wrong when the W&B run starts
 (a malformed WANDB_MODE, an unreachable server, a full disk, wandb's own bugs) prints one warning and the run
 carries on with W&B disabled. Everything the report needs is on disk anyway (metrics.jsonl, results.jsonl).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
+
+from records.wandb_mode import wandb_is_online
+
+
+def run_id(run_dir: str | os.PathLike, subcommand: str) -> str:
+    """A stable W&B id per (run folder, subcommand): a resumed or requeued run continues its W&B run instead of
+    starting a new one; the evaluation of a run is a run of its own."""
+    return hashlib.sha1(f"{Path(run_dir).resolve()}:{subcommand}".encode()).hexdigest()[:16]
+
+
+def run_logger(run_dir: str | os.PathLike, subcommand: str, group: str, tags: list[str]) -> ResilientWandbLogger:
+    """The W&B logger of one run: named after its folder, offline unless a key is set (or WANDB_MODE says)."""
+    run_name = Path(run_dir).resolve().name
+    options = {}
+    if not os.environ.get("WANDB_MODE"):
+        os.environ.pop("WANDB_MODE", None)  # an empty value would make wandb refuse to start
+        options["offline"] = not wandb_is_online()
+    logger = ResilientWandbLogger(
+        project=os.environ.get("WANDB_PROJECT", "qreg"),
+        name=run_name if subcommand == "fit" else f"{run_name}-{subcommand}",
+        id=run_id(run_dir, subcommand),
+        resume="allow",
+        save_dir=str(run_dir),
+        group=group,
+        job_type="train" if subcommand == "fit" else "eval",
+        tags=tags,
+        **options,
+    )
+    # Lightning always passes wandb's deprecated `anonymous` setting, which makes wandb print a warning.
+    logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 class ResilientWandbLogger(WandbLogger):

@@ -132,6 +132,11 @@ class EpochShuffleSampler(Sampler[int]):
         return self.size
 
 
+# Lightning warns on every mid-epoch resume unless the DataLoader itself is stateful; ours resume exactly through
+# EpochShuffleSampler (positioned from the restored batch progress, resumable_train_sampler), so the warning is wrong.
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+
+
 def run_seed() -> int:
     """The seed Lightning's seed_everything set (PL_GLOBAL_SEED), 0 without one."""
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -157,12 +162,28 @@ def _completed_batches_in_epoch(trainer, size: int, batch_size: int, drop_last: 
         # Under DDP the distributed sampler splits our order across ranks; a mid-epoch resume there
         # restarts the epoch's data (the epoch count and weights are still exact).
         return 0
-    per_epoch = size // batch_size if drop_last else math.ceil(size / batch_size)
-    limit = trainer.limit_train_batches
-    if limit is not None:
-        per_epoch = min(per_epoch, limit) if isinstance(limit, int) else int(per_epoch * limit)
+    per_epoch = batches_per_epoch(size, batch_size, drop_last, trainer.limit_train_batches)
     completed = trainer.fit_loop.epoch_loop.batch_progress.current.completed
     return completed if 0 < completed < per_epoch else 0  # an end-of-epoch checkpoint starts a new epoch
+
+
+def batches_per_epoch(images: int, batch_size: int, drop_last: bool, limit: int | float | None = None) -> int:
+    """The training batches one epoch of `images` gives, after Lightning's `limit_train_batches` (a count, or a
+    fraction of the epoch)."""
+    batches = images // batch_size if drop_last else math.ceil(images / batch_size)
+    if limit is None or isinstance(limit, bool):
+        return batches
+    return min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+
+
+def fill_corruption_cache(cache: CorruptionCache, splits, workers: int, what: str) -> int:
+    """Generate the splits the cache lacks, `workers` processes at a time, behind a progress bar; returns how
+    many were written."""
+    todo = cache.missing(splits)
+    with progress_bar(disable=not todo) as progress:
+        task = progress.add_task(f"corrupting {what}", total=len(todo))
+        cache.generate(todo, workers=workers, progress=lambda *_: progress.advance(task))
+    return len(todo)
 
 
 def progress_bar(disable: bool = False):
@@ -342,10 +363,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             return {split_name(c, s): ArrayImageDataset(release.images(c, s), clean.labels) for c, s in splits}
         if settings.cache_dir:
             cache = CorruptionCache(settings.cache_dir, clean.images, settings.profile, settings.seed)
-            todo = cache.missing(splits)
-            with progress_bar(disable=not todo) as progress:
-                task = progress.add_task(f"corrupting the {self.name} test set", total=len(todo))
-                cache.generate(todo, workers=settings.workers, progress=lambda *_: progress.advance(task))
+            fill_corruption_cache(cache, splits, settings.workers, f"the {self.name} test set")
             loaded = {split_name(c, s): ArrayImageDataset(cache.load(c, s), clean.labels) for c, s in splits}
             return loaded
         return {

@@ -1,5 +1,7 @@
 """The error a user's data mistake raises: one line that names the fix."""
 
+from user_errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """Missing or malformed data (a dataset root, an array file, a label file)."""

@@ -1,7 +1,9 @@
 """The error a user's export mistake raises: one line that names the fix (cli.py turns it into exit status 2)."""
 
+from user_errors import UserError
 
-class ExportError(ValueError):
+
+class ExportError(UserError):
     """A checkpoint, format or output path that cannot be exported as asked."""
 
 

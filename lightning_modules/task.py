@@ -21,6 +21,7 @@ A checkpoint carries the quantization spec its weights were trained with (`quant
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -28,6 +29,25 @@ from torch import nn
 
 from lightning_modules.divergence import check_finite_evaluation
 from quantizers import CHECKPOINT_KEY, QuantSpec, quantize_model
+from user_errors import UserError
+
+# The optimizer and schedule arguments of the task modules that must be finite and >= 0: torch would refuse a
+# negative one only once fit has started and written its run folder, so they are checked on the config first.
+NON_NEGATIVE_OPTIONS = ("lr", "momentum", "weight_decay", "gamma", "lrf", "warmup_epochs")
+
+
+class OptionError(UserError):
+    """A model or trainer option outside the values qreg trains with."""
+
+
+def check_optimizer_options(model: dict[str, Any] | None) -> None:
+    """Refuse a negative (or non-finite) learning rate, momentum, weight decay, ... of a model config (its
+    `class_path` / `init_args` mapping) before anything is built."""
+    init_args = (model or {}).get("init_args") or {}
+    for option in NON_NEGATIVE_OPTIONS:
+        value = init_args.get(option)
+        if isinstance(value, int | float) and not isinstance(value, bool) and not (0 <= value < math.inf):
+            raise OptionError(f"--model.init_args.{option} must be a finite number >= 0, got {value}")
 
 
 class TaskModule(L.LightningModule):

@@ -1,7 +1,9 @@
 """The error a user's quantization mistake raises: one line that names the fix."""
 
+from user_errors import UserError
 
-class QuantSpecError(ValueError):
+
+class QuantSpecError(UserError):
     """An invalid quantization spec, or one that does not fit the model or the checkpoint."""
 
 

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from user_errors import UserError
+
 RESULTS_FILE = "results.jsonl"
 FIELDS = (
     "run", "study", "model", "dataset", "method", "weight_bits", "act_bits", "seed",
@@ -27,7 +29,7 @@ FIELDS = (
 LATER_FIELDS = ("epoch", "step")
 
 
-class ResultsStoreError(ValueError):
+class ResultsStoreError(UserError):
     """A results file that cannot be read, or a row that does not fit the schema."""
 
 

@@ -19,9 +19,11 @@ from pathlib import Path
 
 from quantizers import REGISTRY, QuantSpec, QuantSpecError, precision_label
 from quantizers.methods import FP32
+from study.layout import default_study_dir
+from user_errors import UserError
 
 
-class StudyError(ValueError):
+class StudyError(UserError):
     """A study config or study folder that cannot be run or reported: one line naming the fix."""
 
 
@@ -117,4 +119,4 @@ class StudyConfig:
         return cells
 
     def directory(self) -> Path:
-        return Path(self.output_dir or Path("runs") / f"study-{self.name}")
+        return Path(self.output_dir or default_study_dir(self.name))

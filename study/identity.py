@@ -23,9 +23,7 @@ import yaml
 
 from callbacks.resume_changes import BOOKKEEPING
 from records.store import write_atomically
-
-CELL_FILE = "cell.json"
-STUDY_FILE = "study.json"
+from study.layout import CELL_FILE, STUDY_FILE
 
 # Mappings whose keys are the user's (module-name patterns -> bits): compared whole, never key by key.
 LEAF_MAPS = ("quantization.layer_bits",)

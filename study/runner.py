@@ -38,11 +38,11 @@ from pathlib import Path
 
 from records.exits import EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR
 from records.measures import COLLAPSED_METRIC, SCORE_METRICS
+from records.preemption import EXIT_PREEMPTED, PREEMPTION_SIGNAL, block_preemption, note_preemption
 from records.splits import CLEAN
 from records.store import RESULTS_FILE, move_rows, read_rows
 from study.grid import Cell, StudyConfig, StudyError
 from study.identity import (
-    STUDY_FILE,
     compared_config,
     describe,
     differences,
@@ -53,12 +53,10 @@ from study.identity import (
     write_cell_record,
     write_study_record,
 )
+from study.layout import CELL_LOCK, CELL_LOG, CORRUPTIONS, ENTRY_POINT, STUDY_FILE, SUPERSEDED, cell_dir
 
-CLI = Path(__file__).resolve().parents[1] / "cli.py"
-# what `cli.py fit` ends with after Ctrl-C / SIGTERM, having saved last.ckpt
-INTERRUPTED_STATUSES = (EXIT_SIGINT, EXIT_SIGTERM)
-CELL_LOG = "cell.log"  # each cell's output, appended run after run
-SUPERSEDED = "superseded"  # <study>/superseded/<cell>-<time>/: a retrained cell's old folder and rows
+# what `cli.py fit` ends with after Ctrl-C / SIGTERM / a preemption (SIGUSR1), having saved last.ckpt
+INTERRUPTED_STATUSES = (EXIT_SIGINT, EXIT_SIGTERM, EXIT_PREEMPTED)
 RESUMABLE = "interrupted, with a checkpoint"
 
 
@@ -89,7 +87,7 @@ def cell_status(rows: list[dict], cell: Cell) -> str | None:
 def cell_lock(directory: Path) -> Iterator[bool]:
     """Yields True while holding the cell's lock, False if another process holds it."""
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".cell.lock", "a") as handle:
+    with open(directory / CELL_LOCK, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -101,8 +99,10 @@ def cell_lock(directory: Path) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: ask Linux to SIGKILL the cell if the runner dies (prctl PR_SET_PDEATHSIG)."""
+def _start_cell() -> None:
+    """preexec_fn: the cell starts with SLURM's preemption signal blocked (its first line installs its handler and
+    then takes a signal that came before), and Linux SIGKILLs it if the runner dies (prctl PR_SET_PDEATHSIG)."""
+    block_preemption()
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -157,6 +157,8 @@ class SignalForwarder:
     def _handle(self, number: int, _frame) -> None:
         if self.received is None:
             self.received = number
+        if number == PREEMPTION_SIGNAL:
+            note_preemption()  # under SLURM, cli.py requeues the job once the study has stopped
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(number)
 
@@ -181,7 +183,7 @@ class SignalForwarder:
                 kept = "" if 1 in streams else " (stderr only: stdout went to the terminal)"
                 sink.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}{kept}\n".encode())
                 sink.flush()
-            self.process = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent, process_group=0, **pipes)
+            self.process = subprocess.Popen(command, env=env, preexec_fn=_start_cell, process_group=0, **pipes)
             lock = threading.Lock()
             tees = [threading.Thread(target=_tee, args=(self.process.stdout if fd == 1 else self.process.stderr, fd,
                                                         sink, lock), daemon=True) for fd in streams]
@@ -249,7 +251,7 @@ class StudyRunner:
         return self.directory / RESULTS_FILE
 
     def cell_directory(self, cell: Cell) -> Path:
-        return self.directory / "cells" / cell.name
+        return cell_dir(self.directory, cell.name)
 
     def rows(self) -> list[dict]:
         return read_rows(self.store) if self.store.exists() else []
@@ -271,12 +273,12 @@ class StudyRunner:
             "--results.study", self.study.name,
             "--results.run", cell.name,
             # Every cell is tested on the same corrupted splits: generate them once, for the whole study.
-            "--data.init_args.corrupted_test.cache_dir", str(self.directory / "corruptions"),
+            "--data.init_args.corrupted_test.cache_dir", str(self.directory / CORRUPTIONS),
             "--data.init_args.corrupted_test.workers", str(self.study.corruption_workers),
         ]
         if resume is not None:
             command += ["--ckpt_path", str(resume)]
-        return [sys.executable, str(CLI), "fit", *command]
+        return [sys.executable, str(ENTRY_POINT), "fit", *command]
 
     def identity(self, cell: Cell) -> dict:
         """The cell's compared config now: its `cli.py fit` arguments parsed (nothing instantiated)."""

@@ -18,6 +18,7 @@ from records.mechanism import (
 from records.splits import TRAIN, split_columns
 from records.store import RESULTS_FILE, append_rows
 from study.grid import StudyError
+from study.layout import CELLS
 
 
 def load_run(run_dir: Path):
@@ -48,7 +49,7 @@ def load_run(run_dir: Path):
 def fp32_runs(path: Path) -> list[Path]:
     if (path / "config.yaml").is_file():
         return [path]
-    runs = sorted(p for p in (path / "cells").glob("fp32-*") if (p / "config.yaml").is_file())
+    runs = sorted(p for p in (path / CELLS).glob("fp32-*") if (p / "config.yaml").is_file())
     if not runs:
         raise StudyError(f"no FP32 run under {path}: give a run folder or a study folder with finished fp32 cells")
     return runs

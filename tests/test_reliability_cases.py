@@ -23,7 +23,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cli import _default_run_dir, user_error
+from app.errors import user_error
+from app.run_folder import default_run_dir
 from conftest import REPO, run_cli
 from datamodules.array_cache import digest_path
 from datamodules.cifar import CIFAR10_CLASSES
@@ -386,7 +387,7 @@ def test_fits_started_in_the_same_second_get_distinct_run_folders(tmp_path, monk
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
     monkeypatch.setattr(time, "strftime", lambda *_: "20260101-000000")
     config = {"config": ["configs/digits_resnet20_lsq4.yaml"], "ckpt_path": None}
-    first, second = _default_run_dir(config, "fit"), _default_run_dir(config, "fit")
+    first, second = default_run_dir(config, "fit"), default_run_dir(config, "fit")
     assert first != second and Path(first).is_dir() and Path(second).is_dir()
 
 

@@ -22,7 +22,8 @@ import torch
 import yaml
 from PIL import Image
 
-from callbacks.resume_changes import CHANGES_FILE, continued_in_place, refuse_existing_run
+from app.run_folder import continued_in_place, refuse_existing_run
+from callbacks.resume_changes import CHANGES_FILE
 from conftest import run_cli
 from datamodules.cifar import CIFAR10_CLASSES
 

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import yaml
 
-from cli import resolve_fit_config
+from app.lightning_cli import resolve_fit_config
 from conftest import REPO, run_cli
 from records.run_files import save_predictions
 from records.store import append_rows, read_rows
 from study.grid import MethodEntry, StudyConfig
-from study.identity import CELL_FILE, STUDY_FILE, compared_config, digest
+from study.identity import compared_config, digest
+from study.layout import CELL_FILE, STUDY_FILE
 from study.runner import StudyRunner
 
 TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
@@ -181,7 +182,7 @@ def test_every_cell_failing_exits_1_naming_the_cells_and_their_logs(tmp_path, ca
     fake = tmp_path / "fails.py"
     fake.write_text("import sys\nprint('fake fit starting')\nprint('fake fit: out of luck', file=sys.stderr)\n"
                     "sys.exit(1)\n")
-    monkeypatch.setattr("study.runner.CLI", fake)
+    monkeypatch.setattr("study.runner.ENTRY_POINT", fake)
     study = write_study(tmp_path)
     assert run_cli("study", "--config", str(study)) == 1
     captured = capfd.readouterr()

@@ -9,10 +9,12 @@ import cv2
 import numba
 import numpy as np
 
+from user_errors import UserError
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class CorruptionError(ValueError):
+class CorruptionError(UserError):
     """A caller's mistake (unknown name, severity, profile; wrong array): one line that names the fix."""
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from lightning_modules.models.mobilenet_v1 import MobileNetV1
 from lightning_modules.models.resnet20 import ResNet20
+from user_errors import UserError
 
 
 def _cifar_stem(model: torchvision.models.ResNet) -> torchvision.models.ResNet:
@@ -27,7 +28,7 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError):
     """A model name the registry does not know."""
 
 

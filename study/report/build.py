@@ -26,6 +26,7 @@ from records.measures import error_improvement
 from records.splits import CLEAN
 from records.store import write_atomically
 from study.grid import StudyError
+from study.layout import REPORT
 from study.report import markdown
 from study.report.figures import (
     FIGURE_ORDER,
@@ -53,7 +54,7 @@ def write_report(study_dir: str | Path, log_to_wandb: bool = True) -> Path:
     for cell in study.cells:
         study.epochs(cell)
         study.predictions(cell)
-    out = study_dir / "report"
+    out = study_dir / REPORT
     figures = out / "figures"
     table1: list[list[Any]] = []
     delta_rows: list[list[Any]] = []

@@ -25,6 +25,7 @@ from records.run_files import (
 from records.splits import CLEAN, corruption_of, split_name
 from records.store import RESULTS_FILE, ResultsStoreError, read_rows
 from study.grid import StudyError
+from study.layout import cell_dir
 
 
 @dataclass
@@ -202,7 +203,7 @@ class Study:
     def predictions(self, cell: CellResult) -> dict[str, np.ndarray] | None:
         """The cell's per-image correctness, checked against its rows; None if it has no predictions file."""
         if cell.run not in self._predictions:
-            path = self.directory / "cells" / cell.run / PREDICTIONS_FILE
+            path = cell_dir(self.directory, cell.run) / PREDICTIONS_FILE
             predictions = None
             if path.exists():
                 predictions = load_predictions(path)  # an unreadable file is that file's problem
@@ -238,6 +239,6 @@ class Study:
     def epochs(self, cell: CellResult) -> list[dict]:
         """The cell's metrics.jsonl rows, one per epoch ([] without the file)."""
         if cell.run not in self._epochs:
-            path = self.directory / "cells" / cell.run / METRICS_FILE
+            path = cell_dir(self.directory, cell.run) / METRICS_FILE
             self._epochs[cell.run] = read_epoch_metrics(path) if path.exists() else []
         return self._epochs[cell.run]
