@@ -28,15 +28,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import TimedTrainingStep, classifier_images  # noqa: E402  (benchmarks/, the script's own folder)
+from timing import ClassifierStep, classifier_images  # noqa: E402  (benchmarks/, the script's own folder)
 
 from lightning_modules.models import build_model  # noqa: E402
-from quantizers import QuantSpec, parameter_groups, quantize_model  # noqa: E402
-from quantizers.compiling import compile_after_initialization  # noqa: E402
+from quantizers import QuantSpec, quantize_model  # noqa: E402
 
 METHODS = {
     "fp32": QuantSpec(),
@@ -55,23 +53,6 @@ def autocast(device: str, enabled: bool):
     return torch.autocast(device, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
-class Trainee(TimedTrainingStep):
-    def __init__(self, model: str, spec: QuantSpec, mode: str, batch, device: str, backend: str) -> None:
-        torch.manual_seed(0)
-        self.model = quantize_model(build_model(model, 10), spec).to(device).train()
-        self.optimizer = torch.optim.SGD(parameter_groups(self.model, 1e-4), lr=0.01, momentum=0.9)
-        self.images, self.labels = batch
-        self.device, self.bf16 = device, "bf16" in mode
-        if mode.startswith("compiled"):
-            compile_after_initialization(self.model, backend=backend)
-        for _ in range(3):
-            self.step()
-
-    def loss(self) -> torch.Tensor:
-        with autocast(self.device, self.bf16):
-            return F.cross_entropy(self.model(self.images), self.labels)
-
-
 def training_rates(args, models, deadline: float) -> dict[tuple[str, str, str], float | None]:
     generator = torch.Generator().manual_seed(0)
     batch = (classifier_images(args.batch_size, generator, args.device),
@@ -84,7 +65,8 @@ def training_rates(args, models, deadline: float) -> dict[tuple[str, str, str], 
                 if mode.startswith("compiled") and time.perf_counter() > deadline:
                     rates[key] = None  # over the time budget
                     continue
-                trainees[key] = Trainee(model, METHODS[method], mode, batch, args.device, args.backend)
+                trainees[key] = ClassifierStep(model, METHODS[method], batch, args.device, backend=args.backend,
+                                               compiled=mode.startswith("compiled"), bf16="bf16" in mode)
                 print(f"  ready: {model} {method} {mode}", flush=True)
     samples = {key: [] for key in trainees}
     for _ in range(args.rounds):

@@ -16,19 +16,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import TimedTrainingStep, classifier_images  # noqa: E402  (benchmarks/, the script's own folder)
+from timing import ClassifierStep, classifier_images  # noqa: E402  (benchmarks/, the script's own folder)
 
-from lightning_modules.models import build_model  # noqa: E402
-from quantizers import QuantSpec, parameter_groups, quantize_model  # noqa: E402
-from quantizers.compiling import compile_after_initialization  # noqa: E402
+from quantizers import QuantSpec  # noqa: E402
 
 METHODS = {
     "fp32": QuantSpec(),
@@ -37,29 +33,6 @@ METHODS = {
     "dorefa W4": QuantSpec(method="dorefa", weight_bits=4),
 }
 TARGETS = {"eager": 1.4, "compiled": 1.15}
-
-
-class Trainee(TimedTrainingStep):
-    """One model + optimizer that can take a timed training step."""
-
-    def __init__(self, model_name: str, spec: QuantSpec, compiled: bool, batch: tuple, device: str) -> None:
-        torch.manual_seed(0)
-        self.model = quantize_model(build_model(model_name, 10), spec).to(device).train()
-        self.optimizer = torch.optim.SGD(parameter_groups(self.model, 1e-4), lr=0.01, momentum=0.9)
-        self.images, self.labels = batch
-        self.device = device
-        # The users' path (`compile: true`): quantize, compile, train. The compiled call itself runs the first
-        # training step eagerly (LSQ's data-dependent init), then switches to the graph; the warm-up steps
-        # below are timed as part of the set-up, not the measurement.
-        start = time.perf_counter()
-        if compiled:
-            compile_after_initialization(self.model)
-        for _ in range(3):
-            self.step()
-        self.warmup_seconds = time.perf_counter() - start
-
-    def loss(self) -> torch.Tensor:
-        return F.cross_entropy(self.model(self.images), self.labels)
 
 
 def main() -> None:
@@ -83,7 +56,8 @@ def main() -> None:
     trainees = {}
     for mode in args.modes:
         for name, spec in METHODS.items():
-            trainees[(mode, name)] = Trainee(args.model, spec, mode == "compiled", (images, labels), args.device)
+            trainees[(mode, name)] = ClassifierStep(args.model, spec, (images, labels), args.device,
+                                                    compiled=mode == "compiled")
             print(f"  ready: {mode:8s} {name:17s} warm-up {trainees[(mode, name)].warmup_seconds:6.1f} s")
 
     samples: dict[tuple[str, str], list[float]] = {key: [] for key in trainees}

@@ -21,15 +21,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import TimedTrainingStep  # noqa: E402  (benchmarks/, the script's own folder)
+from timing import ClassifierStep  # noqa: E402  (benchmarks/, the script's own folder)
 
 from datamodules.base import ImageClassificationDataModule  # noqa: E402
-from lightning_modules.models import build_model  # noqa: E402
-from quantizers import QuantSpec, parameter_groups, quantize_model  # noqa: E402
+from quantizers import QuantSpec  # noqa: E402
 
 TARGET = 20.0
 
@@ -75,19 +73,6 @@ class LoaderTimer:
         return (time.perf_counter() - start) / batches
 
 
-class Step(TimedTrainingStep):
-    def __init__(self, model: str, spec: QuantSpec, batch, device: str) -> None:
-        torch.manual_seed(0)
-        self.model = quantize_model(build_model(model, 10), spec).to(device).train()
-        self.optimizer = torch.optim.SGD(parameter_groups(self.model, 1e-4), lr=0.01, momentum=0.9)
-        self.images, self.labels = batch
-        self.device = device
-        self.step()
-
-    def loss(self) -> torch.Tensor:
-        return F.cross_entropy(self.model(self.images), self.labels)
-
-
 def measure(args) -> dict[str, float]:
     """Images/s of the loader and of each step; returns them for callers (device_check)."""
     data = SyntheticCIFAR(args.train_size, batch_size=args.batch_size, val_size=1000,
@@ -98,7 +83,7 @@ def measure(args) -> dict[str, float]:
     data.setup("fit")
     loader = LoaderTimer(data, args.device)
     batch = loader.next_batch()
-    steps = {name: Step(args.model, spec, batch, args.device) for name, spec in
+    steps = {name: ClassifierStep(args.model, spec, batch, args.device, warmup_steps=1) for name, spec in
              (("fp32", QuantSpec()), ("lsq W4A4", QuantSpec(method="lsq", weight_bits=4)))}
     samples: dict[str, list[float]] = {"loader": [], **{name: [] for name in steps}}
     for _ in range(args.rounds):

@@ -1,10 +1,17 @@
-"""The timed training step the benchmarks share: subclasses say how to compute the loss."""
+"""The timed training step the benchmarks share: subclasses say how to compute the loss; `ClassifierStep` is
+the classifier's (the fake-quant overhead, device throughput and loader benchmarks time the same step)."""
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
+
+from lightning_modules.models import build_model
+from quantizers import QuantSpec, parameter_groups, quantize_model
+from quantizers.compiling import compile_after_initialization
 
 
 def classifier_images(batch_size: int, generator: torch.Generator, device: str) -> torch.Tensor:
@@ -34,3 +41,27 @@ class TimedTrainingStep:
         for _ in range(steps):
             self.step()
         return (time.perf_counter() - start) / steps
+
+
+class ClassifierStep(TimedTrainingStep):
+    """A quantized classifier, its SGD optimizer (the CIFAR recipe's groups) and a fixed batch; `compiled` takes
+    the way `compile: true` does (quantize, compile, train); `bf16` runs the forward under autocast. The
+    warm-up steps (compilation, LSQ's first-batch initialisation) are timed apart, in `warmup_seconds`."""
+
+    def __init__(self, model_name: str, spec: QuantSpec, batch: tuple, device: str, compiled: bool = False,
+                 backend: str = "inductor", bf16: bool = False, warmup_steps: int = 3) -> None:
+        torch.manual_seed(0)
+        self.model = quantize_model(build_model(model_name, 10), spec).to(device).train()
+        self.optimizer = torch.optim.SGD(parameter_groups(self.model, 1e-4), lr=0.01, momentum=0.9)
+        self.images, self.labels = batch
+        self.device, self.bf16 = device, bf16
+        start = time.perf_counter()
+        if compiled:
+            compile_after_initialization(self.model, backend=backend)
+        for _ in range(warmup_steps):
+            self.step()
+        self.warmup_seconds = time.perf_counter() - start
+
+    def loss(self) -> torch.Tensor:
+        with torch.autocast(self.device, dtype=torch.bfloat16) if self.bf16 else nullcontext():
+            return F.cross_entropy(self.model(self.images), self.labels)

@@ -17,7 +17,6 @@ from torch import nn
 
 from quantizers import (
     CHECKPOINT_KEY,
-    LSQQuantizer,
     QuantSpec,
     QuantSpecError,
     applied_spec,
@@ -25,6 +24,7 @@ from quantizers import (
     quantize_model,
     quantized_layers,
     quantizer_state,
+    unready_quantizers,
     weight_quantization_noise,
 )
 
@@ -36,13 +36,6 @@ def _network(pl_module: L.LightningModule) -> nn.Module:
             f"{type(pl_module).__name__} has no `net` module for the quantization callback to quantize"
         )
     return net
-
-
-def _uninitialized_activation_quantizers(net: nn.Module) -> list[str]:
-    return [
-        name for name, m in net.named_modules()
-        if isinstance(m, LSQQuantizer) and m.activation and not m._initialized
-    ]
 
 
 class QuantizationCallback(L.Callback):
@@ -73,20 +66,20 @@ class QuantizationCallback(L.Callback):
             )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        # LSQ activation steps initialise on the first training batch; any left over never saw an input.
+        # Quantizers initialise on the first training batch (LSQ activation steps); any left over never saw an input.
         if self._checked_first_batch:
             return
         self._checked_first_batch = True
-        missing = _uninitialized_activation_quantizers(_network(pl_module))
+        missing = unready_quantizers(_network(pl_module))
         if missing:
-            rank_zero_warn(f"LSQ activation quantizers never reached by a training batch: {', '.join(missing)}")
+            rank_zero_warn(f"quantizers never reached by a training batch: {', '.join(missing)}")
 
     def on_test_start(self, trainer, pl_module) -> None:
-        missing = _uninitialized_activation_quantizers(_network(pl_module))
+        missing = unready_quantizers(_network(pl_module))
         if missing:
             rank_zero_warn(
-                f"testing with {len(missing)} LSQ activation quantizers that were never trained "
-                "(they pass activations through in float): pass --ckpt_path of a trained model"
+                f"testing with {len(missing)} quantizers that never saw a training batch (an LSQ activation "
+                "quantizer passes its input through in float until then): pass --ckpt_path of a trained model"
             )
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -100,14 +93,16 @@ class QuantizationCallback(L.Callback):
             metrics[f"quant_noise_ratio/{name}"] = mean_square / predicted
         if noise:
             metrics["quant_noise/mean"] = sum(v for v, _ in noise.values()) / len(noise)
-        pl_module.log_dict(metrics, on_epoch=True, sync_dist=False)
+        # DDP keeps every rank's weights and quantizers in step, so the mean over ranks is each rank's value:
+        # sync_dist says so to Lightning (which otherwise warns once per key that rank 0's value is unreduced).
+        pl_module.log_dict(metrics, on_epoch=True, sync_dist=True)
         # each layer's weight bits, for metrics.jsonl only (the report keeps the first/last layers, held at
         # their own precision, off the noise-against-bits plot); a constant is no use as a logger curve
         layers = quantized_layers(net).items()
         bits = {f"quant_bits/{name}": float(layer.weight_quantizer.bits) for name, layer in layers
                 if getattr(layer.weight_quantizer, "bits", None) is not None}
         if bits:
-            pl_module.log_dict(bits, on_epoch=True, sync_dist=False, logger=False)
+            pl_module.log_dict(bits, on_epoch=True, sync_dist=True, logger=False)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         """Under DDP, check that every rank ends with the same quantizer state (steps, alphas, init flags)."""

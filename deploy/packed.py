@@ -4,17 +4,18 @@ What the file holds:
 - for each quantized layer's weights, the integer of every weight as an unsigned b-bit code (signed grids
   offset by their lowest integer, DoReFa's odd integers halved; see `IntegerGrid.codes`), row-major,
   concatenated most significant bit first into bytes (numpy.packbits order): four 2-bit or two 4-bit
-  weights per byte, `<layer>.weight.codes`; and the float facts the levels need: nothing more for LSQ (its
-  step is in the state), `<layer>.weight.max_abs` for DoReFa;
+  weights per byte, `<layer>.weight.codes`; and the float facts its quantizer needs to rebuild the weights
+  (`Quantizer.packing_facts`), `<layer>.weight.<fact>`: nothing more for LSQ (its step is in the state),
+  `<layer>.weight.max_abs` for DoReFa;
 - every other tensor of the network's state as it was (BatchNorm, biases, LSQ steps, PACT alphas, float layers);
 - metadata: the quantization spec, each packed layer's bits, shape and grid, and the task module's class and
   hyperparameters, so `load_packed` rebuilds the network without the config or checkpoint.
 
-`load_packed` rebuilds the fake-quant network with float weights chosen so that every quantizer puts them
-on the very same levels: `integer * step` for LSQ (the step divides it back to the integer exactly), and
-for DoReFa `sign * max|w|` where the level is extreme, `atanh(level * tanh(max|w|))` elsewhere, which
-keeps max|w| (and so the last layer's rescale) bit for bit. The rebuilt network's outputs are bitwise those
-of the original, which `round_trip_identical` checks.
+`load_packed` rebuilds the fake-quant network with float weights chosen by each quantizer so that it puts them
+on the very same levels (`Quantizer.weight_from_integers`): `integer * step` for LSQ (the step divides it back
+to the integer exactly), and for DoReFa `sign * max|w|` where the level is extreme, `atanh(level *
+tanh(max|w|))` elsewhere, which keeps max|w| (and so the last layer's rescale) bit for bit. The rebuilt
+network's outputs are bitwise those of the original, which `round_trip_identical` checks.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ import torch
 from torch import nn
 
 from deploy.errors import ExportError
-from deploy.grids import lsq_scale, weight_grid, weight_integers
+from deploy.grids import weight_grid, weight_integers
 from deploy.output import write_file
-from quantizers import DoReFaWeightQuantizer, LSQQuantizer, QuantSpec, applied_spec, quantize_model, quantized_layers
+from quantizers import NoIntegerGrid, Quantizer, QuantSpec, applied_spec, quantize_model, quantized_layers
 
 FORMAT = "qreg-packed-1"
+CODES = "codes"  # `<layer>.weight.codes`; any other `<layer>.weight.<name>` of a packed layer is a packing fact
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -100,10 +102,9 @@ def save_packed(net: nn.Module, path: str | Path, module_class: type | None = No
             continue
         codes = grid.codes(weight_integers(layer, grid, name)).numpy()
         packed = pack_codes(codes, grid.bits)
-        tensors[f"{name}.weight.codes"] = packed
-        if isinstance(layer.weight_quantizer, DoReFaWeightQuantizer):
-            tensors[f"{name}.weight.max_abs"] = (
-                layer.weight_quantizer._max(layer.weight.detach().float()).reshape(-1).numpy().copy())
+        tensors[f"{name}.weight.{CODES}"] = packed
+        for fact, value in layer.weight_quantizer.packing_facts(layer.weight.detach()).items():
+            tensors[f"{name}.weight.{fact}"] = value.detach().cpu().numpy().copy()
         layers_meta[name] = {"bits": grid.bits, "shape": list(layer.weight.shape), "low": grid.low,
                              "stride": grid.stride, "quantizer": type(layer.weight_quantizer).__name__}
         packed_layers.append(PackedLayer(name, grid.bits, codes.size, packed.size))
@@ -128,27 +129,24 @@ def save_packed(net: nn.Module, path: str | Path, module_class: type | None = No
     return PackedExport(Path(path), len(data), packed_layers, float_values)
 
 
-def _dorefa_weights(levels: torch.Tensor, max_abs: torch.Tensor, integer_levels: int) -> torch.Tensor:
-    """Float weights whose DoReFa quantization has `levels` (odd integers / (2^b-1)) and whose max|w| is max_abs."""
-    shape = [-1] + [1] * (levels.dim() - 1)
-    top = max_abs.double().view(shape) if max_abs.numel() > 1 else max_abs.double().reshape(())
-    inner = torch.atanh(levels.double() / integer_levels * torch.tanh(top))
-    extreme = levels.abs() == integer_levels
-    return torch.where(extreme, levels.sign().double() * top, inner).float()
+def _packed_entries_of(name: str, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A packed layer's own entries, `<layer>.weight.<entry>`, by entry: its codes and its packing facts."""
+    prefix = f"{name}.weight."
+    return {key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)}
 
 
-def _rebuilt_weight(layer: nn.Module, meta: dict, codes: np.ndarray, tensors: dict, name: str) -> torch.Tensor:
+def _rebuilt_weight(layer: nn.Module, meta: dict, entries: dict[str, np.ndarray], name: str) -> torch.Tensor:
+    codes = unpack_codes(entries[CODES], meta["bits"], int(np.prod(meta["shape"])))
     integers = torch.from_numpy(codes.astype(np.int32)) * meta["stride"] + meta["low"]
     integers = integers.view(meta["shape"])
     quantizer = layer.weight_quantizer
-    if isinstance(quantizer, LSQQuantizer):
-        step = lsq_scale(quantizer)
-        step = step.view(-1, *([1] * (integers.dim() - 1))) if step.dim() else step
-        return integers.float() * step
-    if isinstance(quantizer, DoReFaWeightQuantizer):
-        max_abs = torch.from_numpy(tensors[f"{name}.weight.max_abs"])
-        return _dorefa_weights(integers, max_abs, 2**quantizer.bits - 1)
-    raise ExportError(f"{name}: cannot rebuild weights for quantizer {type(quantizer).__name__}")
+    if not isinstance(quantizer, Quantizer):
+        raise ExportError(f"{name}: cannot rebuild weights for quantizer {type(quantizer).__name__}")
+    facts = {fact: torch.from_numpy(value) for fact, value in entries.items() if fact != CODES}
+    try:
+        return quantizer.weight_from_integers(integers, facts)
+    except NoIntegerGrid as error:
+        raise ExportError(f"{name}: cannot rebuild its weights: {error}") from None
 
 
 def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -196,15 +194,14 @@ def load_packed_network(net: nn.Module, tensors: dict[str, np.ndarray], metadata
     spec = QuantSpec.from_dict(json.loads(metadata["spec"]))
     quantize_model(net, spec)
     layers_meta = json.loads(metadata["layers"])
-    state = {key: torch.from_numpy(value.copy()) for key, value in tensors.items()
-             if not key.endswith((".weight.codes", ".weight.max_abs"))}
+    entries = {name: _packed_entries_of(name, tensors) for name in layers_meta}
+    packed_keys = {f"{name}.weight.{entry}" for name, own in entries.items() for entry in own}
+    state = {key: torch.from_numpy(value.copy()) for key, value in tensors.items() if key not in packed_keys}
     # The quantizer state first: LSQ weights are rebuilt from their steps.
     net.load_state_dict({k: v for k, v in state.items() if "quantizer" in k}, strict=False)
     layers = quantized_layers(net)
     for name, meta in layers_meta.items():
-        count = int(np.prod(meta["shape"]))
-        codes = unpack_codes(tensors[f"{name}.weight.codes"], meta["bits"], count)
-        state[f"{name}.weight"] = _rebuilt_weight(layers[name], meta, codes, tensors, name)
+        state[f"{name}.weight"] = _rebuilt_weight(layers[name], meta, entries[name], name)
     net.load_state_dict(state, strict=True)
     return net
 

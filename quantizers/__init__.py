@@ -1,11 +1,19 @@
 """Fake-quantization for QAT studies: LSQ, PACT, DoReFa, the method registry and the spec that pick them, and
-the module swap.
+the module swap. Code outside this package reads a quantizer only through `Quantizer`'s members (base.py).
 
 Nothing here imports Lightning: the quantizers work in any PyTorch training loop.
 """
 
+from quantizers.base import (
+    DataInitializedQuantizer,
+    LearnedParameter,
+    Quantizer,
+    quantizers_in,
+    unready_quantizers,
+)
 from quantizers.dorefa import DoReFaActQuantizer, DoReFaWeightQuantizer
 from quantizers.errors import QuantSpecError
+from quantizers.grid import IntegerGrid, NoIntegerGrid
 from quantizers.layers import QuantConv2d, QuantLinear
 from quantizers.lsq import LSQQuantizer
 from quantizers.methods import (
@@ -36,16 +44,21 @@ __all__ = [
     "FLOAT_BITS",
     "METHODS",
     "REGISTRY",
+    "DataInitializedQuantizer",
     "DoReFaActQuantizer",
     "DoReFaWeightQuantizer",
     "GaussianWeightNoise",
+    "IntegerGrid",
     "LSQQuantizer",
+    "LearnedParameter",
     "Method",
+    "NoIntegerGrid",
     "PACTQuantizer",
     "QuantConv2d",
     "QuantLinear",
     "QuantSpec",
     "QuantSpecError",
+    "Quantizer",
     "applied_spec",
     "method_colour",
     "method_label",
@@ -55,7 +68,9 @@ __all__ = [
     "quantize_model",
     "quantized_layers",
     "quantizer_state",
+    "quantizers_in",
     "register",
+    "unready_quantizers",
     "weight_noise_statistics",
     "weight_quantization_noise",
 ]

@@ -1,8 +1,9 @@
 """torch.compile for a quantized network, once its quantizers' data-dependent initialisation has run.
 
-LSQ activation steps are set from the first training batch and PACT checks its first inputs, on the host;
-compiled before that, dynamo traces the one-off branch, breaks the graph there and re-guards every
-quantizer on its init flag and its input's shape, recompiling per layer until it hits its recompile limit.
+Some quantizers act once on their first training batch, on the host (LSQ activation steps are set from it,
+PACT checks its inputs; `Quantizer.ready` is False until then). Compiled before that, dynamo traces the
+one-off branch, breaks the graph there and re-guards every quantizer on its init flag and its input's shape,
+recompiling per layer until it hits its recompile limit.
 So the network runs eagerly until its quantizers are ready (the sanity check's eval batches, and the first
 training batch, which initialises them), then switches to the compiled call for good: one graph for
 training, one recompile for evaluation.
@@ -13,18 +14,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantizers.lsq import LSQQuantizer
-from quantizers.pact import PACTQuantizer
+from quantizers.base import Quantizer
 
 
 def quantizers_ready(net: nn.Module) -> bool:
-    """No quantizer of `net` still has a first-training-batch branch to take."""
-    for module in net.modules():
-        if isinstance(module, LSQQuantizer) and not module._initialized:
-            return False
-        if isinstance(module, PACTQuantizer) and not module._inputs_checked:
-            return False
-    return True
+    """No quantizer of `net` still has a first-training-batch branch to take (`Quantizer.ready`)."""
+    return all(module.ready for module in net.modules() if isinstance(module, Quantizer))
 
 
 def compile_after_initialization(net: nn.Module, **compile_options) -> None:

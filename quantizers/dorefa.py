@@ -7,14 +7,18 @@
 The weight grid has no zero (2 bits: {-1, -1/3, 1/3, 1}) and ignores the float scale of w, which is harmless
 before a BatchNorm but not in a classifier head; `rescale=True` multiplies the result by max|w| (no
 gradient) so such a layer keeps its float scale.
+
+On integers: the levels `2 q/(2^k-1) - 1` (q = 0..2^k-1) are `(2q - (2^k-1)) / (2^k-1)`, odd integers over
+2^k-1, so the weight grid is the odd integers in [-(2^k-1), 2^k-1] (stride 2, no zero, no zero point).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from quantizers.base import Quantizer
 from quantizers.errors import QuantSpecError
+from quantizers.grid import IntegerGrid
 from quantizers.straight_through import RoundSTE, in_float32, pass_between
 
 
@@ -28,7 +32,7 @@ def _check_bits(bits: int, name: str) -> None:
         raise QuantSpecError(f"{name} needs an integer bit width >= 1, got {bits!r}")
 
 
-class DoReFaWeightQuantizer(nn.Module):
+class DoReFaWeightQuantizer(Quantizer):
     """k-bit DoReFa weights; the max is over the whole tensor, or per output channel if `per_channel`."""
 
     def __init__(self, bits: int, per_channel: bool = False, rescale: bool = False) -> None:
@@ -60,6 +64,30 @@ class DoReFaWeightQuantizer(nn.Module):
             w_q = w_q * self._max(in_float32(w)).detach()
         return w_q.to(w.dtype)
 
+    def integer_grid(self, weight: torch.Tensor | None = None) -> IntegerGrid:
+        """Odd integers over 2^k-1; with `rescale`, times max|w| of `weight` (per channel if per_channel)."""
+        levels = 2**self.bits - 1
+        if not self.rescale:  # levels in [-1, 1] whatever the weights' scale
+            return IntegerGrid(self.bits, torch.tensor(1.0 / levels), -levels, levels, stride=2)
+        max_abs = self._max(weight.detach().float())
+        return IntegerGrid(self.bits, (max_abs.reshape(-1) if self.per_channel else max_abs) / levels,
+                           -levels, levels, stride=2, axis=0 if self.per_channel else None)
+
+    def packing_facts(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        # max|w| (per channel or not): the levels alone do not fix the weights' scale, nor the last layer's rescale
+        return {"max_abs": self._max(weight.detach().float()).reshape(-1)}
+
+    def weight_from_integers(self, integers: torch.Tensor, facts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`sign * max|w|` where the level is extreme, `atanh(level * tanh(max|w|))` elsewhere: tanh(w) / max|tanh(w)|
+        gives the level back, and max|w| (so the rescale of the last layer) is kept bit for bit."""
+        levels = 2**self.bits - 1
+        max_abs = facts["max_abs"]
+        shape = [-1] + [1] * (integers.dim() - 1)
+        top = max_abs.double().view(shape) if max_abs.numel() > 1 else max_abs.double().reshape(())
+        inner = torch.atanh(integers.double() / levels * torch.tanh(top))
+        extreme = integers.abs() == levels
+        return torch.where(extreme, integers.sign().double() * top, inner).float()
+
 
 class _DoReFaActFunction(torch.autograd.Function):
     """In float32 whatever x's dtype (see `straight_through.in_float32`), handed back in x's dtype."""
@@ -76,7 +104,7 @@ class _DoReFaActFunction(torch.autograd.Function):
         return pass_between(grad_32, x_32, 0.0, 1.0, include_low=True, include_high=True).to(x.dtype), None
 
 
-class DoReFaActQuantizer(nn.Module):
+class DoReFaActQuantizer(Quantizer):
     """k-bit DoReFa activations on [0, 1]; gradient passes where 0 <= x <= 1 (clip's derivative)."""
 
     def __init__(self, bits: int) -> None:

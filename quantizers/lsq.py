@@ -1,8 +1,8 @@
 """LSQ: learned step size quantization (Esser et al., ICLR 2020).
 
 Forward `v_hat = round(clip(v / s, -Qn, Qp)) * s`; backward is the paper's straight-through estimator,
-written out explicitly in an autograd Function so the gradients read like the formulas in
-`reference/quantization.md` and cost a few fused passes instead of a chain of small eager ops:
+written out explicitly in an autograd Function so the gradients read like the paper's formulas below and
+cost a few fused passes instead of a chain of small eager ops:
 
     d v_hat / d v = 1                      if -Qn < v/s < Qp, else 0
     d v_hat / d s = round(v/s) - v/s       inside,  -Qn below,  Qp above
@@ -21,7 +21,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from quantizers.base import DataInitializedQuantizer, LearnedParameter
 from quantizers.errors import QuantSpecError, check_non_negative
+from quantizers.grid import IntegerGrid, NoIntegerGrid
 from quantizers.straight_through import dot_in_memory_order, in_float32, pass_between
 
 # Smallest step the forward pass uses; the stored parameter may dip below it without losing its gradient.
@@ -124,7 +126,7 @@ def _lsq_traceable(x, step, q_neg, q_pos, grad_scale):
     return ((v + (v.round() - v).detach()) * s).to(dtype)
 
 
-class LSQQuantizer(nn.Module):
+class LSQQuantizer(DataInitializedQuantizer):
     """Fake-quantizes a tensor onto an LSQ grid with a learned step size.
 
     Weights are initialised at creation (`initialize_from`), activations on the first forward pass in
@@ -132,6 +134,8 @@ class LSQQuantizer(nn.Module):
     Until then an activation quantizer passes its input through unchanged. Under DDP the initial step is
     averaged over ranks so every replica starts from the same value.
     """
+
+    learned_parameters = (LearnedParameter("step", "lsq_steps", "quantizer_weight_decay", "quantizer_lr_scale"),)
 
     def __init__(
         self, bits: int, signed: bool, num_channels: int | None = None, activation: bool = False
@@ -145,8 +149,6 @@ class LSQQuantizer(nn.Module):
         self.activation = activation
         shape = () if num_channels is None else (num_channels,)
         self.step = nn.Parameter(torch.ones(shape))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        self._initialized = False  # host-side mirror of the buffer: no device sync per forward
 
     def extra_repr(self) -> str:
         grid = f"[{-self.q_neg}, {self.q_pos}]"
@@ -171,12 +173,16 @@ class LSQQuantizer(nn.Module):
             dist.all_reduce(step)
             step /= dist.get_world_size()
         self.step.copy_(step.clamp_min(_MIN_STEP))
-        self.initialized.fill_(True)
-        self._initialized = True
+        self.mark_ready()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._initialized = bool(self.initialized)
+    def integer_grid(self, weight: torch.Tensor | None = None) -> IntegerGrid:
+        """The full b-bit grid at the step the forward pass uses (the stored step floored at `_MIN_STEP`)."""
+        if not self._initialized:
+            role = "activation " if self.activation else ""
+            raise NoIntegerGrid(f"its LSQ {role}step was never initialised (the model saw no training batch); "
+                                "export a trained checkpoint")
+        scale = self.step.detach().float().clamp_min(_MIN_STEP).clone()
+        return IntegerGrid(self.bits, scale, -self.q_neg, self.q_pos, axis=0 if scale.dim() else None)
 
     def grad_scale(self, x: torch.Tensor) -> float:
         """g = 1 / sqrt(N * Qp); N per step: one sample's features, the layer's or one channel's weights."""

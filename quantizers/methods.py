@@ -1,10 +1,14 @@
 """The method registry: per quantization method, what it quantizes, which quantizer each layer role gets, how
-its weight noise is measured, and how reports name and colour it. Adding a method whose quantizers learn
-nothing is one `register` call plus its quantizer class; `QuantSpec`, the module swap, the noise statistics,
-the study grid and the report all read it from here. A quantizer with a learned parameter also needs its
-entry in `LEARNED_PARAMETERS` below (its optimizer group and weight decay), and one with a first-batch
-initialisation must tell `compiling.quantizers_ready`; the exporter (`deploy/grids.py`) knows the integer
-grids of LSQ, PACT and DoReFa only.
+its weight noise is measured, and how reports name and colour it.
+
+A new method is its quantizer class and one `register` call. The class derives from `quantizers.base.Quantizer`
+(or `DataInitializedQuantizer`, whose scale is set from the weight or the first training batch) and states
+there what the code around it needs: its `learned_parameters` (optimizer group, weight decay and learning-rate
+multiplier, by QuantSpec field), `ready` / `mark_ready` for a first-batch initialisation, and `integer_grid`
+(plus `packing_facts` / `weight_from_integers` when its levels are not `integer * scale` of its state) for
+export. `QuantSpec`, the module swap, the optimizer groups, `torch.compile`, the noise statistics, the
+callbacks, the detector's EMA copy, the exporters, the study grid and the report then read it from there and
+from this registry; none of them names a quantizer class.
 
 Also here, because every layer above prints or stores it: the precision label ('FP32', 'W4A4', 'W4') and
 the convention that 32 bits in a results row means a float (unquantized) tensor.
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,16 +29,16 @@ from quantizers.lsq import LSQQuantizer
 from quantizers.noise import GaussianWeightNoise, lsq_quantization_error
 from quantizers.pact import PACTQuantizer
 
-if TYPE_CHECKING:
-    from quantizers.spec import QuantSpec
-
 FLOAT_BITS = 32  # how a float (unquantized) tensor's precision is written in a results row
 FP32 = "fp32"
 
+# The builders receive the run's `QuantSpec`, typed Any here: spec.py validates a method against this
+# registry, so it imports this module and this module never imports it (one-way).
+QuantSpecLike = Any
 # (the layer's float weight, its bits, the spec, whether it is the network's last layer) -> weight quantizer
-WeightBuilder = Callable[[torch.Tensor, int, "QuantSpec", bool], nn.Module]
+WeightBuilder = Callable[[torch.Tensor, int, QuantSpecLike, bool], nn.Module]
 # (the layer's input bits, the spec) -> input quantizer
-InputBuilder = Callable[[int, "QuantSpec"], nn.Module]
+InputBuilder = Callable[[int, QuantSpecLike], nn.Module]
 # (weight, its quantizer) -> (delta, squared grid step): the weight quantization noise and the Delta^2 of the
 # uniform-noise prediction Delta^2 / 12, in the domain the straight-through estimator treats as the identity.
 NoiseModel = Callable[[torch.Tensor, nn.Module], tuple[torch.Tensor, torch.Tensor]]
@@ -108,14 +112,14 @@ def precision_label(method_name: str, weight_bits: int | None, act_bits: int | N
 # ---------------------------------------------------------------- the methods of the paper, and the control
 
 
-def _lsq_weight(weight: torch.Tensor, bits: int, spec: QuantSpec, is_last: bool) -> nn.Module:
+def _lsq_weight(weight: torch.Tensor, bits: int, spec: QuantSpecLike, is_last: bool) -> nn.Module:
     quantizer = LSQQuantizer(bits, signed=True, num_channels=weight.shape[0] if spec.per_channel else None)
     quantizer.to(weight.device)
     quantizer.initialize_from(weight.detach())
     return quantizer
 
 
-def _lsq_input(bits: int, spec: QuantSpec) -> nn.Module:
+def _lsq_input(bits: int, spec: QuantSpecLike) -> nn.Module:
     return LSQQuantizer(bits, signed=spec.act_signed, activation=True)
 
 
@@ -123,7 +127,7 @@ def _lsq_noise(weight: torch.Tensor, quantizer: nn.Module) -> tuple[torch.Tensor
     return quantizer(weight) - weight, quantizer.step.detach().clamp_min(1e-12).pow(2).mean()
 
 
-def _dorefa_weight(weight: torch.Tensor, bits: int, spec: QuantSpec, is_last: bool) -> nn.Module:
+def _dorefa_weight(weight: torch.Tensor, bits: int, spec: QuantSpecLike, is_last: bool) -> nn.Module:
     # DoReFa weights lie in [-1, 1]: the last layer has no BatchNorm after it to absorb that, so it keeps
     # its float scale (see DoReFaWeightQuantizer.rescale).
     return DoReFaWeightQuantizer(bits, per_channel=spec.per_channel, rescale=is_last)
@@ -135,11 +139,11 @@ def _dorefa_noise(weight: torch.Tensor, quantizer: nn.Module) -> tuple[torch.Ten
     return rounded - unrounded, torch.tensor((2.0 / (2**quantizer.bits - 1)) ** 2)
 
 
-def _pact_input(bits: int, spec: QuantSpec) -> nn.Module:
+def _pact_input(bits: int, spec: QuantSpecLike) -> nn.Module:
     return PACTQuantizer(bits, alpha=spec.pact_alpha)
 
 
-def _matched_noise_weight(weight: torch.Tensor, bits: int, spec: QuantSpec, is_last: bool) -> nn.Module:
+def _matched_noise_weight(weight: torch.Tensor, bits: int, spec: QuantSpecLike, is_last: bool) -> nn.Module:
     return GaussianWeightNoise(bits)
 
 
@@ -159,27 +163,6 @@ register(Method("dorefa", "DoReFa (weights only)", "tab:green", weight=_dorefa_w
                 weight_class=DoReFaWeightQuantizer, noise=_dorefa_noise))
 register(Method("noise", "matched noise", "tab:gray", weight=_matched_noise_weight, weight_class=GaussianWeightNoise,
                 noise=_matched_noise_noise))
-
-
-# ---------------------------------------------------------------- learned quantizer parameters
-
-
-@dataclass(frozen=True)
-class LearnedParameter:
-    """A quantizer parameter trained beside the network: its attribute, the QuantSpec field holding its
-    weight decay, its optimizer group's name, and the QuantSpec field of its learning-rate multiplier (None:
-    the network's rate)."""
-
-    attribute: str
-    decay_field: str
-    group: str
-    lr_scale_field: str | None = None
-
-
-LEARNED_PARAMETERS: dict[type[nn.Module], LearnedParameter] = {
-    LSQQuantizer: LearnedParameter("step", "quantizer_weight_decay", "lsq_steps", "quantizer_lr_scale"),
-    PACTQuantizer: LearnedParameter("alpha", "pact_alpha_decay", "pact_alphas"),
-}
 
 
 @torch.no_grad()

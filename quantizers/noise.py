@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
+from quantizers.base import Quantizer
 from quantizers.errors import QuantSpecError
+from quantizers.grid import IntegerGrid
 from quantizers.lsq import lsq_grid
 from quantizers.straight_through import in_float32
 
@@ -33,7 +34,7 @@ def lsq_quantization_error(weight: torch.Tensor, bits: int) -> tuple[torch.Tenso
     return (weight / step).clamp(-q_neg, q_pos).round() * step - weight, step
 
 
-class GaussianWeightNoise(nn.Module):
+class GaussianWeightNoise(Quantizer):
     """Adds N(0, sigma^2) to the weights in training, sigma^2 = the variance of b-bit quantization noise.
 
     The variance is recomputed from the current weights at every step (the b-bit LSQ grid at its initial
@@ -51,6 +52,9 @@ class GaussianWeightNoise(nn.Module):
 
     def extra_repr(self) -> str:
         return f"matched to {self.bits}-bit quantization noise"
+
+    def integer_grid(self, weight: torch.Tensor | None = None) -> IntegerGrid | None:
+        return None  # a regulariser of training only: the deployed weights are the float weights
 
     @torch.no_grad()
     def target_variance(self, weight: torch.Tensor) -> torch.Tensor:

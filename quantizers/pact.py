@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quantizers.base import LearnedParameter, Quantizer
 from quantizers.errors import QuantSpecError, check_non_negative
+from quantizers.grid import IntegerGrid
 from quantizers.straight_through import in_float32, pass_between, sum_where_at_least
 
 
@@ -53,8 +55,13 @@ def _pact_traceable(x, alpha, levels):
     return ((v + (v.round() - v).detach()) * scale + (alpha - alpha_value) * above).to(dtype)
 
 
-class PACTQuantizer(nn.Module):
-    """Unsigned k-bit activation quantizer with a learned clipping level alpha."""
+class PACTQuantizer(Quantizer):
+    """Unsigned k-bit activation quantizer with a learned clipping level alpha.
+
+    Not ready until it has checked that its first training inputs are non-negative (or its state was loaded).
+    """
+
+    learned_parameters = (LearnedParameter("alpha", "pact_alphas", "pact_alpha_decay"),)
 
     def __init__(self, bits: int, alpha: float = 10.0) -> None:
         super().__init__()
@@ -69,6 +76,17 @@ class PACTQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
+
+    @property
+    def ready(self) -> bool:
+        return self._inputs_checked
+
+    def mark_ready(self) -> None:
+        self._inputs_checked = True
+
+    def integer_grid(self, weight: torch.Tensor | None = None) -> IntegerGrid:
+        # The very division the forward pass makes (float32 alpha / int levels), so the scale is bit-identical.
+        return IntegerGrid(self.bits, (self.alpha.detach() / self.levels).clone(), 0, self.levels)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -59,9 +59,11 @@ class QuantSpec:
         per_channel: one weight step (LSQ) or max (DoReFa) per output channel instead of per tensor.
         act_signed: use signed LSQ activation grids (networks whose layer inputs can be negative, e.g.
             SiLU); the default unsigned grid suits post-ReLU inputs and is checked on the first batch.
-        quantizer_weight_decay: weight decay on LSQ step sizes. Off by default: in a study about
-            regularization, a hidden regularizer on the quantizer would confound the result.
-        quantizer_lr_scale: learning-rate multiplier of the LSQ step sizes (their optimizer group). 0.1 by
+        quantizer_weight_decay: weight decay on LSQ step sizes (and on the learned parameters of any quantizer
+            whose `LearnedParameter` names this field). Off by default: in a study about regularization, a hidden
+            regularizer on the quantizer would confound the result.
+        quantizer_lr_scale: learning-rate multiplier of the LSQ step sizes (their optimizer group; also of any
+            quantizer parameter whose `LearnedParameter` names this field). 0.1 by
             default: trained from scratch at the paper's lr 0.1, a layer's step (one value that re-quantizes the
             whole layer) drifted towards zero in the first epochs and one gradient then threw it hundreds of times
             its size, rounding every weight to zero for good (docs/lsq_step.md); at lr x 0.1 (the LSQ paper's

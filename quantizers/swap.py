@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantizers.base import LearnedParameter, Quantizer
 from quantizers.errors import QuantSpecError
 from quantizers.layers import QUANTIZED_LAYERS, QuantConv2d, QuantLinear
-from quantizers.methods import LEARNED_PARAMETERS, method, weight_noise_statistics
+from quantizers.methods import method, weight_noise_statistics
 from quantizers.spec import QuantSpec
 
 _SPEC_ATTRIBUTE = "_qreg_quant_spec"
@@ -123,24 +124,23 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)}
 
 
-def _learned(module: nn.Module):
-    """The registry's entry for a quantizer with a learned parameter (quantizers.methods.LEARNED_PARAMETERS)."""
-    return next((entry for cls, entry in LEARNED_PARAMETERS.items() if isinstance(module, cls)), None)
+def _learned(module: nn.Module | None) -> tuple[LearnedParameter, ...]:
+    """The parameters a quantizer trains (`Quantizer.learned_parameters`); none for any other module."""
+    return module.learned_parameters if isinstance(module, Quantizer) else ()
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
     """Optimizer groups: network parameters, then each kind of learned quantizer parameter (LSQ steps, PACT
-    alphas) in a group of its own with the weight decay its spec field gives and its learning-rate multiplier
-    (`lr_scale`; the group's `lr` is `lr * lr_scale` when `lr` is given; a schedule that sets the rates itself
-    multiplies by `lr_scale`).
+    alphas: each quantizer's `learned_parameters`) in a group of its own with the weight decay its spec field
+    gives and its learning-rate multiplier (`lr_scale`; the group's `lr` is `lr * lr_scale` when `lr` is given;
+    a schedule that sets the rates itself multiplies by `lr_scale`).
 
     Quantizer parameters must exist before the optimizer is built, or they never train.
     """
     spec = applied_spec(model)
     learned: dict[str, tuple[float, float, list[nn.Parameter]]] = {}
     for module in model.modules():
-        entry = _learned(module)
-        if entry is not None:
+        for entry in _learned(module):
             decay = getattr(spec, entry.decay_field)
             scale = getattr(spec, entry.lr_scale_field) if entry.lr_scale_field else 1.0
             learned.setdefault(entry.group, (decay, scale, []))[2].append(getattr(module, entry.attribute))
@@ -161,8 +161,7 @@ def quantizer_state(model: nn.Module) -> dict[str, float]:
     for name, layer in quantized_layers(model).items():
         for role in ("weight_quantizer", "input_quantizer"):
             quantizer = getattr(layer, role)
-            entry = _learned(quantizer)
-            if entry is not None:
+            for entry in _learned(quantizer):
                 state[f"{name}.{role}.{entry.attribute}"] = getattr(quantizer, entry.attribute).mean().item()
     return state
 

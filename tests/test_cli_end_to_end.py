@@ -61,7 +61,7 @@ def test_load_from_checkpoint_rebuilds_fake_quant_without_the_callback(digits_fa
     module = ClassificationModule.load_from_checkpoint(checkpoint)
     layer = module.net.layer1[0].conv1
     assert isinstance(layer, QuantConv2d) and layer.weight_quantizer.bits == 2
-    assert isinstance(layer.input_quantizer, LSQQuantizer) and layer.input_quantizer._initialized
+    assert isinstance(layer.input_quantizer, LSQQuantizer) and layer.input_quantizer.ready
     assert not (tmp_path / "run" / "results.jsonl").exists()
 
 

@@ -313,7 +313,7 @@ def test_a_quantized_checkpoint_reproduces_its_map(short_study, tmp_path, capsys
 
     module = DetectionModule.load_from_checkpoint(checkpoint)
     head = module.ema_net.get_submodule("model.24.m.0")
-    assert isinstance(head, QuantConv2d) and head.input_quantizer._initialized and head.weight_quantizer.bits == 8
+    assert isinstance(head, QuantConv2d) and head.input_quantizer.ready and head.weight_quantizer.bits == 8
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_modules.models import build_model
-from quantizers import QuantSpec, quantize_model
+from quantizers import QuantSpec, quantize_model, quantizers_in
 from records.mechanism import (
     fake_quantization_off,
     gradient_norm_term,
@@ -72,9 +72,8 @@ def test_sharpness_grows_with_rho_and_is_zero_at_zero():
 
 def test_fake_quantization_off_restores_the_quantizers():
     net = quantize_model(build_model("resnet20", 10), QuantSpec(method="lsq", weight_bits=2)).eval()
-    for m in net.modules():  # initialise activation steps as a training batch would
-        if hasattr(m, "_initialized"):
-            m._initialized = True
+    for _, quantizer in quantizers_in(net):  # count the activation steps as initialised, as a training batch would
+        quantizer.mark_ready()
     x = torch.rand(4, 3, 32, 32)
     quantized = net(x)
     with fake_quantization_off(net):

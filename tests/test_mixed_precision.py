@@ -21,8 +21,7 @@ def _lsq(activation: bool, per_channel: bool = False) -> LSQQuantizer:
     q = LSQQuantizer(4, signed=not activation, num_channels=8 if per_channel else None, activation=activation)
     with torch.no_grad():
         q.step.copy_(torch.linspace(0.05, 0.2, 8) if per_channel else torch.tensor(0.0731))
-    q.initialized.fill_(True)
-    q._initialized = True
+    q.mark_ready()
     return q
 
 

@@ -29,7 +29,7 @@ def test_lsq_weight_noise_variance_is_delta_squared_over_12(bits):
     quantizer = LSQQuantizer(bits, signed=True)
     with torch.no_grad():
         quantizer.step.fill_(step)
-    quantizer._initialized = True
+    quantizer.mark_ready()
     variance, predicted = weight_noise_statistics(weight, quantizer)
     assert variance / predicted == pytest.approx(1.0, abs=0.03)
 

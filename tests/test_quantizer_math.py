@@ -15,8 +15,7 @@ def lsq_with_step(bits: int, signed: bool, step: float, activation: bool = False
     quantizer = LSQQuantizer(bits, signed, activation=activation)
     with torch.no_grad():
         quantizer.step.fill_(step)
-    quantizer.initialized.fill_(True)
-    quantizer._initialized = True
+    quantizer.mark_ready()
     return quantizer
 
 

@@ -144,7 +144,7 @@ def test_state_dict_round_trip_restores_a_trained_quantized_model(method):
     torch.testing.assert_close(fresh(images), trained(images))
     for module in fresh.modules():
         if isinstance(module, LSQQuantizer):
-            assert module._initialized  # the host-side flag follows the loaded buffer
+            assert module.ready  # the host-side flag follows the loaded buffer
 
 
 def test_parameter_groups_separate_quantizer_parameters():

@@ -2,8 +2,8 @@
 
 The average is a deep copy of the (already quantized) network, so LSQ step sizes and PACT alphas are
 averaged like any weight. Non-float state (BatchNorm's batch counter, LSQ's `initialized` flag) is copied,
-and the host-side mirror of LSQ's flag follows, so an activation quantizer initialised on the first training
-batch of the live network is initialised in the average too.
+and each quantizer of the average is marked ready once its live twin is (`Quantizer.ready`), so an activation
+quantizer initialised on the first training batch of the live network is initialised in the average too.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from quantizers import LSQQuantizer
+from quantizers import quantizers_in
 
 
 class ModelEMA:
@@ -28,7 +28,7 @@ class ModelEMA:
         self.decay = decay
         self.tau = tau
         self.updates = 0
-        self._lsq_synced = False
+        self._readiness_synced = False
 
     @staticmethod
     def copy_of(model: nn.Module) -> nn.Module:
@@ -58,14 +58,13 @@ class ModelEMA:
             torch._foreach_lerp_(averaged, live, weight)
         for tensor, source in zip(copied, sources, strict=True):
             tensor.copy_(source)
-        if not self._lsq_synced:
-            self._sync_lsq_flags(model)
+        if not self._readiness_synced:
+            self._sync_readiness(model)
 
-    def _sync_lsq_flags(self, model: nn.Module) -> None:
-        pairs = [
-            (mine, theirs) for mine, theirs in zip(self.ema.modules(), model.modules(), strict=True)
-            if isinstance(mine, LSQQuantizer)
-        ]
-        for mine, theirs in pairs:
-            mine._initialized = theirs._initialized
-        self._lsq_synced = all(mine._initialized for mine, _ in pairs)
+    def _sync_readiness(self, model: nn.Module) -> None:
+        live = dict(quantizers_in(model))
+        averaged = dict(quantizers_in(self.ema))
+        for name, mine in averaged.items():
+            if live[name].ready and not mine.ready:
+                mine.mark_ready()  # its state (the `initialized` buffer included) was just copied from the live one
+        self._readiness_synced = all(mine.ready for mine in averaged.values())
