@@ -8,6 +8,7 @@ atomic checkpoints and `config.yaml` in its folder; `fit` ends by testing its fi
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -261,7 +262,9 @@ def resolve_fit_config(args: list[str]) -> dict[str, Any]:
 
     check_config_files(args)
     try:
-        _ParseOnly(args=["fit", *args], save_config_callback=None, **cli_options())
+        with warnings.catch_warnings():  # LightningCLI's advice against parsing given args: exactly what is meant here
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            _ParseOnly(args=["fit", *args], save_config_callback=None, **cli_options())
     except _Parsed as parsed:
         cli = parsed.args[0]
         return yaml.safe_load(cli._parser("fit").dump(cli.config["fit"], skip_none=False))

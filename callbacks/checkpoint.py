@@ -41,7 +41,7 @@ class RunCheckpoint(ModelCheckpoint):
         super().__init__(monitor=monitor, filename=filename, save_last=save_last, auto_insert_metric_name=False,
                          **kwargs)
 
-    _HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    _HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # SIGUSR1: SLURM's preemption warning
 
     def on_validation_start(self, trainer, pl_module) -> None:
         super().on_validation_start(trainer, pl_module)
@@ -110,7 +110,7 @@ class RunCheckpoint(ModelCheckpoint):
         self._release(replay=False)  # stopping already: restore the handlers only
         # Preemption (SIGTERM, e.g. a cluster's time limit): keep the progress of the interrupted epoch in
         # last.ckpt; a resumed run continues at the next batch (see EpochShuffleSampler).
-        # Ctrl-C takes the same path (cli.py turns it into Lightning's SIGTERM flag, so it lands between batches).
+        # Ctrl-C takes the same path (app/signals.py turns it into Lightning's SIGTERM flag, so it lands between batches).
         if (isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and self.save_last
                 and self.dirpath is not None):
             trainer.save_checkpoint(os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION))

@@ -122,7 +122,8 @@ class ClassificationModule(TaskModule):
         images, labels = batch
         logits = self(images)
         self.val_acc.update(logits, labels)
-        self.log("val/loss", F.cross_entropy(logits, labels), on_epoch=True, prog_bar=True)
+        # sync_dist: under DDP the epoch's loss is the mean over every rank's images, not rank 0's share
+        self.log("val/loss", F.cross_entropy(logits, labels), on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
 
     def on_test_epoch_start(self) -> None:
@@ -167,12 +168,14 @@ class ClassificationModule(TaskModule):
             acc.reset()
             loss.reset()
         check_finite_evaluation(self, {f"test/loss/{name}": m["loss"] for name, m in self.test_results.items()}, "test")
+        # The torchmetrics above are already reduced over ranks: every rank logs the same values (sync_dist=True
+        # tells Lightning so, which otherwise warns once per split).
         for name, metrics in self.test_results.items():
-            self.log(f"test/acc/{name}", metrics["accuracy"], add_dataloader_idx=False)
-            self.log(f"test/loss/{name}", metrics["loss"], add_dataloader_idx=False)
+            self.log(f"test/acc/{name}", metrics["accuracy"], add_dataloader_idx=False, sync_dist=True)
+            self.log(f"test/loss/{name}", metrics["loss"], add_dataloader_idx=False, sync_dist=True)
         accuracy = {name: metrics["accuracy"] for name, metrics in self.test_results.items()}
         for corruption, mean in corruption_means(accuracy).items():
-            self.log(f"test/acc_mean/{corruption}", mean, add_dataloader_idx=False)
+            self.log(f"test/acc_mean/{corruption}", mean, add_dataloader_idx=False, sync_dist=True)
 
     def milestone_epochs(self) -> list[int]:
         max_epochs = self.trainer.max_epochs if self._trainer is not None else None

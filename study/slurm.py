@@ -45,6 +45,7 @@ def write_slurm_scripts(
         f"#SBATCH --output={sbatch_value(f'{folder}/cell-%a-%A.out')}",
         "#SBATCH --signal=SIGUSR1@90",
         "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",  # a requeued task appends to its log instead of truncating it
         f"# {len(cells)} cells, one per array task:",
         listing,
         "set -euo pipefail",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -14,9 +15,11 @@ from conftest import run_cli
 from quantizers import LSQQuantizer, QuantSpec, QuantSpecError, parameter_groups, quantize_model
 from quantizers.health import COLLAPSED_LEVEL_SHARE, collapsed_layers, dominant_level_share
 from records.measures import COLLAPSED_METRIC, chance_bound
-from records.splits import CORRUPTIONS
+from records.run_files import PREDICTIONS_FILE, save_predictions
+from records.splits import CORRUPTIONS, split_name
 from records.store import append_rows, read_rows
 from study.grid import Cell
+from study.layout import cell_dir
 from study.report import write_report
 from study.runner import Outcome, summary_line
 
@@ -140,6 +143,10 @@ def test_the_report_keeps_a_collapsed_cell_out_of_table1_and_every_measure(tmp_p
              {**identity, "metric": COLLAPSED_METRIC, "value": 1.0},
              {**identity, "metric": "collapsed_layers", "value": 1.0}]
     append_rows(tmp_path / "results.jsonl", rows + dead)
+    # its test's per-image correctness, as a finished cell leaves it: checked against the scores set aside
+    correct = np.arange(360) < 33  # 9.17 % of the digits test set
+    splits = ["clean", *(split_name(c, s) for c in CORRUPTIONS for s in range(1, 6))]
+    save_predictions(cell_dir(tmp_path, "lsq-w8a8-seed0") / PREDICTIONS_FILE, dict.fromkeys(splits, correct))
     store = (tmp_path / "results.jsonl").read_bytes()
     report = write_report(tmp_path, log_to_wandb=False).read_text()
     assert (tmp_path / "results.jsonl").read_bytes() == store

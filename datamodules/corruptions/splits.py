@@ -24,6 +24,7 @@ import numpy as np
 from datamodules.array_cache import digest_path, load_array, save_array
 from datamodules.corruptions.engine import corrupt, engine_fingerprint
 from datamodules.errors import DataError
+from records.preemption import preemption_blocked
 from records.splits import CORRUPTIONS, SEVERITIES
 from records.store import write_atomically
 
@@ -171,17 +172,22 @@ class CorruptionCache:
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         # spawn, not fork: the parent may hold torch / OpenCV thread pools that a forked child would inherit
-        # in a broken state.
+        # in a broken state. The workers start with SLURM's preemption signal blocked: it is the parent's to take.
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            jobs = {
-                pool.submit(_write_split, self.path(c, s), self.clean_images, c, s, self.profile, self.seed,
-                            self.source): (c, s)
-                for c, s in todo
-            }
-            for job in as_completed(jobs):
-                job.result()
-                if progress:
-                    progress(*jobs[job])
+            with preemption_blocked():  # the pool starts its processes as the splits are submitted
+                jobs = {
+                    pool.submit(_write_split, self.path(c, s), self.clean_images, c, s, self.profile, self.seed,
+                                self.source): (c, s)
+                    for c, s in todo
+                }
+            try:
+                for job in as_completed(jobs):
+                    job.result()
+                    if progress:
+                        progress(*jobs[job])
+            except BaseException:  # a signal, a failed split: end with the splits being written, start no other
+                pool.shutdown(cancel_futures=True)
+                raise
         return len(todo)
 
 

@@ -57,6 +57,12 @@ class CellResult:
     lines: dict[str, int] = field(default_factory=dict)  # split name -> the results.jsonl line of its score
 
     @property
+    def measured(self) -> dict[str, float]:
+        """The scores its test measured, whether compared (`scores`) or set aside as a collapsed run's: what its
+        predictions.npz is checked against."""
+        return self.collapsed_scores if self.collapsed else self.scores
+
+    @property
     def experiment(self) -> tuple[str, str]:
         return self.model, self.dataset
 
@@ -208,7 +214,7 @@ class Study:
             if path.exists():
                 predictions = load_predictions(path)  # an unreadable file is that file's problem
                 try:
-                    check_predictions(path, predictions, cell.scores)
+                    check_predictions(path, predictions, cell.measured)
                 except RunFileError:
                     if len({len(v) for v in predictions.values()}) > 1:
                         raise  # the file contradicts itself
@@ -220,18 +226,18 @@ class Study:
 
     def _store_problem(self, cell: CellResult, path: Path, predictions: dict[str, np.ndarray]) -> str:
         store = self.directory / RESULTS_FILE
-        extra = [split for split in cell.scores if split not in predictions]
+        extra = [split for split in cell.measured if split not in predictions]
         if extra:
             return (f"{store}:{cell.lines[extra[0]]}: run {cell.run} has a row ({cell.metric}) for split {extra[0]}, "
                     f"which its test did not measure ({path}, intact, holds its {len(predictions)} splits): fix or "
                     "delete that line")
         for split, correct in predictions.items():
             accuracy = 100.0 * float(np.mean(correct)) if len(correct) else float("nan")
-            if split in cell.scores and not abs(accuracy - cell.scores[split]) <= 0.01:
+            if split in cell.measured and not abs(accuracy - cell.measured[split]) <= 0.01:
                 return (f"{store}:{cell.lines[split]}: run {cell.run}'s {cell.metric} on split {split} is "
-                        f"{cell.scores[split]:.2f}, but its test gave {accuracy:.2f} ({path}, intact): fix or delete "
+                        f"{cell.measured[split]:.2f}, but its test gave {accuracy:.2f} ({path}, intact): fix or delete "
                         "that line (a run's last row of a split wins), or rerun the cell's test")
-        missing = [split for split in predictions if split not in cell.scores]
+        missing = [split for split in predictions if split not in cell.measured]
         return (f"{store} lacks run {cell.run}'s {cell.metric} rows for {len(missing)} splits its test measured "
                 f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}; {path}, intact, holds them): restore "
                 "those lines, or rerun the cell's test")
