@@ -110,7 +110,8 @@ class RunCheckpoint(ModelCheckpoint):
         self._release(replay=False)  # stopping already: restore the handlers only
         # Preemption (SIGTERM, e.g. a cluster's time limit): keep the progress of the interrupted epoch in
         # last.ckpt; a resumed run continues at the next batch (see EpochShuffleSampler).
-        # Ctrl-C takes the same path (app/signals.py turns it into Lightning's SIGTERM flag, so it lands between batches).
+        # Ctrl-C takes the same path (app/signals.py turns it into Lightning's SIGTERM flag, so it lands between
+        # batches).
         if (isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and self.save_last
                 and self.dirpath is not None):
             trainer.save_checkpoint(os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION))

@@ -1,4 +1,4 @@
-"""The error a user's export mistake raises: one line that names the fix (cli.py turns it into exit status 2)."""
+"""The error a user's export mistake raises: one line that names the fix (app/errors.py turns it into exit status 2)."""
 
 from user_errors import UserError
 

@@ -9,7 +9,7 @@ The contract the callbacks rely on:
 - `test_results`: filled by the module's `on_test_epoch_end` with split name ('clean', 'fog/3', see
   records.splits) -> {metric: value}, scores in percent. `FlatnessCallback` adds split 'train' in its
   `on_test_end`, which therefore must run before `ResultsCallback.on_test_end` writes the rows: Lightning calls
-  callbacks in list order, so `FlatnessCallback` comes first (cli.py registers it first;
+  callbacks in list order, so `FlatnessCallback` comes first (app/lightning_cli.py registers it first;
   `ResultsCallback.setup` refuses the other order).
 - `test_predictions`: split name -> per-image correctness (bool array) on a single process, {} when there is
   none (DDP, detection); `ResultsCallback` writes it to predictions.npz for the report's paired bootstrap.

@@ -12,6 +12,6 @@ that write a run's files and the task modules that log the paper's numbers all c
 - `records.wandb_mode`: one rule for whether W&B logs online or offline (training and report).
 
 Only `records.mechanism` and the precision label (from `quantizers.methods`) depend on another package of ours,
-`quantizers`, the ground floor; so the floors are quantizers < records < datamodules < lightning_modules <
-callbacks < study < cli (tests/test_import_layers.py keeps it so).
+`quantizers`, the floor below; the floors are user_errors < quantizers < records < datamodules <
+lightning_modules < callbacks < study, deploy < app < cli (tests/test_import_layers.py keeps it so).
 """

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from records.store import write_atomically
 from study.grid import StudyConfig, StudyError
-
-CLI = Path(__file__).resolve().parents[1] / "cli.py"
+from study.layout import ENTRY_POINT, SLURM, cell_dir
 
 
 def sbatch_value(text: str) -> str:
@@ -32,13 +31,13 @@ def write_slurm_scripts(
     """
     cells = study.cells()
     directory = study.directory().resolve()
-    folder = directory / "slurm"
+    folder = directory / SLURM
     python = python or sys.executable
-    study_command = [python, str(CLI), "study", "--config", str(study_file.resolve()),
+    study_command = [python, str(ENTRY_POINT), "study", "--config", str(study_file.resolve()),
                      "--output_dir", str(directory), *(["--force", "true"] if force else [])]
     header = ["#!/bin/bash", f"#SBATCH --job-name={sbatch_value(f'qreg-{study.name}')}",
               *(f"#SBATCH {o}" for o in sbatch_options)]
-    listing = "\n".join(f"#   {i}: {cell.name} -> {directory / 'cells' / cell.name}" for i, cell in enumerate(cells))
+    listing = "\n".join(f"#   {i}: {cell.name} -> {cell_dir(directory, cell.name)}" for i, cell in enumerate(cells))
     cells_script = "\n".join([
         *header,
         f"#SBATCH --array=0-{len(cells) - 1}",
@@ -58,7 +57,7 @@ def write_slurm_scripts(
         f"#SBATCH --output={sbatch_value(f'{folder}/report-%j.out')}",
         "set -euo pipefail",
         f"cd {shlex.quote(str(Path.cwd().resolve()))}",
-        "srun " + shlex.join([python, str(CLI), "report", str(directory)]),
+        "srun " + shlex.join([python, str(ENTRY_POINT), "report", str(directory)]),
         "",
     ])
     submit = "\n".join([

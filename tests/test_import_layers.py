@@ -12,7 +12,11 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO
+
+pytestmark = pytest.mark.unit  # no process, no Lightning fit (tests/conftest.py guards it)
 
 # floor -> packages on it; each may import only those on lower floors
 FLOORS = (
@@ -96,3 +100,14 @@ def test_the_checker_sees_function_level_imports(tmp_path):
     source.write_text("import os\n\ndef late():\n    from callbacks.results import ResultsCallback\n"
                       "    import study.report\n")
     assert imports(source) == {"os", "callbacks", "study"}
+
+
+def test_no_test_module_imports_another():
+    """Shared helpers live in conftest.py (or a helper module not named test_*): a test module imported by another
+    runs its module-level code twice and couples two files' fixtures."""
+    wrong = {}
+    for path in (REPO / "tests").glob("*.py"):
+        tests_imported = sorted(name for name in imports(path) if name.startswith("test_"))
+        if tests_imported:
+            wrong[path.name] = tests_imported
+    assert not wrong, f"test modules importing other test modules: {wrong}"

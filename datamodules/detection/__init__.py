@@ -1,6 +1,6 @@
 """The generic detection data layer, for any source of boxed images (VOC, YOLO folders, synthetic).
 
-- `records`: `DetectionRecord` (one image and its boxes), image decoding, the letterbox.
+- `annotations`: `DetectionRecord` (one image and its boxes), image decoding, the letterbox.
 - `augment`: training augmentation (albumentations, bbox-aware).
 - `dataset`: `DetectionDataset` serves one image: read (or generate) it in RGB at its native size, optionally
   corrupt it there (the detection robustness protocol: corrupt before resizing, boxes unchanged), letterbox it
