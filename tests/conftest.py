@@ -1,4 +1,5 @@
-"""Shared fixtures: W&B off, quiet Lightning, paths to the optional development data."""
+"""Shared fixtures: W&B off, quiet Lightning, paths to the optional development data, the tiny test configs
+(tests/configs/), and the guard that keeps the unit tier a unit tier."""
 
 from __future__ import annotations
 
@@ -16,6 +17,30 @@ import lightning.pytorch  # noqa: E402, F401
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+TEST_CONFIGS = REPO / "tests" / "configs"  # the tiny YAML configs the tests run with, all in one place
+
+
+class UnitTierViolation(AssertionError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _unit_tier_guard(request, monkeypatch):
+    """A test marked `unit` (`pytest -m unit`, the tier that runs in about a minute) may not start a process
+    nor fit a model through Lightning: it fails here, naming what it tried, instead of slowing the tier."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    import subprocess
+
+    from lightning.pytorch import Trainer
+
+    def refuse(what):
+        def refused(*args, **kwargs):
+            raise UnitTierViolation(f"a unit-tier test may not {what}; drop its `unit` mark or test below it")
+        return refused
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse("start a process"))
+    monkeypatch.setattr(Trainer, "fit", refuse("fit through Lightning"))
 
 
 def quant_fragment(name: str) -> dict:
@@ -63,20 +88,8 @@ def run_cli(*args: str) -> int:
 
 @pytest.fixture
 def digits_fast_args(tmp_path) -> list[str]:
-    """A digits run that takes seconds: one short epoch, one validation batch."""
-    return [
-        "--data", "DigitsDataModule",
-        "--model", "ClassificationModule",
-        "--model.init_args.model", "resnet20",
-        "--trainer.max_epochs", "1",
-        "--trainer.limit_train_batches", "3",
-        "--trainer.limit_val_batches", "1",
-        "--trainer.default_root_dir", str(tmp_path / "run"),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--data.init_args.corrupted_test.corruptions", "[]",
-        "--flatness.enabled", "false",
-    ]
+    """A digits run that takes seconds (tests/configs/digits_tiny.yaml), in the test's own folder."""
+    return ["--config", str(TEST_CONFIGS / "digits_tiny.yaml"), "--trainer.default_root_dir", str(tmp_path / "run")]
 
 
 @pytest.fixture(scope="session")

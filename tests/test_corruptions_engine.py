@@ -21,6 +21,8 @@ from datamodules.corruptions import (
     save_corruption_grid,
 )
 
+pytestmark = pytest.mark.unit  # no process, no Lightning fit (tests/conftest.py guards it)
+
 RANDOM = [name for name in CORRUPTIONS if name not in DETERMINISTIC]
 SIZES = {"cifar": (32, 32), "imagenet": (40, 56)}
 

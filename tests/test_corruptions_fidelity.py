@@ -21,6 +21,8 @@ from skimage.color import hsv2rgb, rgb2hsv
 from datamodules.corruptions import PROFILES, SEVERITIES, blur, corrupt, digital, noise, weather
 from datamodules.corruptions.profiles import TABLES, parameters
 
+pytestmark = pytest.mark.unit  # no process, no Lightning fit (tests/conftest.py guards it)
+
 TOLERANCE = 1  # intensity levels, for the deterministic corruptions
 
 

@@ -22,7 +22,10 @@ from datamodules.corruptions.profiles import parameters
 imagecorruptions = pytest.importorskip("imagecorruptions")
 
 VOC = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "voc2007-dev" / "VOCdevkit" / "VOC2007"
-pytestmark = pytest.mark.skipif(not (VOC / "JPEGImages").is_dir(), reason="needs ../shared/data/voc2007-dev")
+pytestmark = [
+    pytest.mark.skipif(not (VOC / "JPEGImages").is_dir(), reason="needs ../shared/data/voc2007-dev"),
+    pytest.mark.unit,
+]
 
 MATCHED = {"motion_blur": blur.motion_blur, "elastic_transform": digital.elastic_transform, "fog": weather.fog}
 STATISTICAL = ["gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "glass_blur", "snow", "spatter"]

@@ -112,7 +112,7 @@ def test_compiled_fit_on_cuda(method, tmp_path):
 
 
 def test_bitwise_resume_on_cuda(tmp_path):
-    import test_resume
+    import resume_helpers as test_resume  # noqa: N813 (the run helpers of tests/test_resume.py)
 
     args = ["--trainer.accelerator", "gpu", "--trainer.devices", "1"]
     reference = tmp_path / "reference"

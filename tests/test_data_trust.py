@@ -36,7 +36,7 @@ NO_CORRUPTIONS = ["--data.init_args.corrupted_test.corruptions", "[]"]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # YOLO on 2 shared cores (conftest)
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.unit]  # YOLO on 2 shared cores (conftest)
 
 
 def image_folder(root: Path, per_class: int = 2, suffix: dict[str, str] | None = None) -> Path:

@@ -11,6 +11,8 @@ from datamodules import ArrayImageDataset, CIFAR10DataModule, DataError, DigitsD
 from datamodules.base import EpochShuffleSampler, random_crop_flip, resumable_train_sampler, run_seed
 from datamodules.cifar import CIFAR10_CLASSES
 
+pytestmark = pytest.mark.unit  # no process, no Lightning fit (tests/conftest.py guards it)
+
 
 def test_digits_split_is_fixed_and_real():
     first, second = DigitsDataModule(), DigitsDataModule(split_seed=0)

@@ -15,6 +15,8 @@ from lightning_modules.yolo import AnchorDetect, AnchorYOLOLoss, AnchorYOLOv5, b
 from lightning_modules.yolo.anchor_model import Conv
 from quantizers import QuantConv2d, QuantSpec, quantize_model
 
+pytestmark = pytest.mark.unit  # no process, no Lightning fit (tests/conftest.py guards it)
+
 
 @pytest.mark.parametrize(("classes", "parameters"), [(20, 1_790_977), (80, 1_872_157)])
 def test_yolov5n_has_the_published_size(classes, parameters):

@@ -17,6 +17,8 @@ import pytest
 
 from conftest import REPO, run_cli
 
+pytestmark = pytest.mark.unit  # no process, no Lightning fit (tests/conftest.py guards it)
+
 os.environ.setdefault("YOLO_OFFLINE", "true")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 

@@ -19,6 +19,8 @@ from quantizers import (
 )
 from quantizers.noise import lsq_quantization_error
 
+pytestmark = pytest.mark.unit  # no process, no Lightning fit (tests/conftest.py guards it)
+
 
 @pytest.mark.parametrize("bits", [4, 6, 8])
 def test_lsq_weight_noise_variance_is_delta_squared_over_12(bits):

@@ -10,6 +10,8 @@ import torch
 from quantizers import DoReFaActQuantizer, DoReFaWeightQuantizer, LSQQuantizer, PACTQuantizer, QuantSpecError
 from quantizers.lsq import lsq_grid
 
+pytestmark = pytest.mark.unit  # no process, no Lightning fit (tests/conftest.py guards it)
+
 
 def lsq_with_step(bits: int, signed: bool, step: float, activation: bool = False) -> LSQQuantizer:
     quantizer = LSQQuantizer(bits, signed, activation=activation)

@@ -422,8 +422,7 @@ def test_testing_over_many_splits_shows_one_bar_with_the_split_and_the_time_left
 
     bar = SplitsProgressBar(leave=True)
     assert any(isinstance(c, TimeRemainingColumn) for c in bar.configure_columns(None))
-    at = digits_fast_args.index("--trainer.enable_progress_bar")
-    args = [*digits_fast_args[:at], *digits_fast_args[at + 2:],
+    args = [*digits_fast_args, "--trainer.enable_progress_bar", "true",
             "--data.init_args.corrupted_test.corruptions", "[fog, snow]",
             "--data.init_args.corrupted_test.severities", "[1]", "--test_after_fit", "true"]
     capsys.readouterr()

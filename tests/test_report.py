@@ -19,6 +19,8 @@ from study.report.figures import FIGURE_ORDER, noise_by_bits
 from study.report.loading import Study
 from study.report.statistics import paired_bootstrap, t_interval
 
+pytestmark = pytest.mark.unit  # no process, no Lightning fit (tests/conftest.py guards it)
+
 CORRUPTIONS = list(ALL_CORRUPTIONS)
 
 

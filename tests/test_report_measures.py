@@ -18,6 +18,8 @@ from study.report import write_report
 from study.report.figures import severity_curves
 from study.report.loading import Study
 
+pytestmark = pytest.mark.unit  # no process, no Lightning fit (tests/conftest.py guards it)
+
 FP32_FOG, FP32_SNOW = [90.0, 85.0, 80.0, 75.0, 70.0], [80.0] * 5
 LSQ_FOG, LSQ_SNOW = [92.0, 88.0, 84.0, 80.0, 76.0], [77.0] * 5
 

@@ -10,6 +10,8 @@ import pytest
 
 from records.store import FIELDS, ResultsStoreError, append_rows, read_rows
 
+pytestmark = pytest.mark.unit  # no process, no Lightning fit (tests/conftest.py guards it)
+
 
 def row(**overrides):
     base = dict(run="r", study="s", model="resnet20", dataset="digits", method="lsq", weight_bits=4, act_bits=4,

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from slurm_helpers import BATCH, CORRUPTION, INIT, Cluster, marker
 
 from conftest import REPO
 from records.store import read_rows
+from slurm_helpers import BATCH, CORRUPTION, INIT, Cluster, marker
 
 pytestmark = pytest.mark.slurm
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from app.run_folder import default_run_dir
 from conftest import REPO
+
+pytestmark = pytest.mark.unit  # no process, no Lightning fit (tests/conftest.py guards it)
 
 
 def sbatch_options(path) -> dict[str, str]:

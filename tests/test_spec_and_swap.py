@@ -22,6 +22,8 @@ from quantizers import (
     weight_quantization_noise,
 )
 
+pytestmark = pytest.mark.unit  # no process, no Lightning fit (tests/conftest.py guards it)
+
 
 @pytest.mark.parametrize("bits", [0, 1, 9, 33, True, 4.0, "4"])
 def test_spec_rejects_bits_out_of_range(bits):

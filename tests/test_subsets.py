@@ -15,6 +15,8 @@ from datamodules.cifar import CIFAR10_CLASSES, CIFAR10DataModule
 from datamodules.corruptions.splits import CorruptedTest
 from datamodules.subsets import stratified_indices
 
+pytestmark = pytest.mark.unit  # no process, no Lightning fit (tests/conftest.py guards it)
+
 
 def test_stratified_draw_is_proportional_seeded_and_without_repeats():
     labels = np.repeat(np.arange(10), [100] * 5 + [50] * 5)  # class-ordered, like an image folder
