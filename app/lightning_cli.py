@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 # ClassificationModule) among the subclasses already imported.
 import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
-from app import preemption, run_folder, signals
+from app import run_folder, signals
 from app.checks import TrainerOptionError, check_precision, check_training_batches, check_training_length
 from app.config_files import check_config_files
 from app.errors import one_line
@@ -195,8 +195,7 @@ class QregCLI(LightningCLI):
             raise TrainerOptionError(f"trainer: {one_line(error)}") from None
         if getattr(self, "_resume_changes", None) is not None:
             trainer.callbacks.append(self._resume_changes)
-        signals.watch(trainer)
-        preemption.watch(trainer)
+        signals.watch(trainer)  # a Ctrl-C or a preemption stops it at its next batch
         return trainer
 
     def before_fit(self) -> None:

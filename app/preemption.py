@@ -29,6 +29,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
+from app.signals import watched
 from records.preemption import PREEMPTION_SIGNAL, forget_preemption, note_preemption, preemption_noted
 
 OWNER = "QREG_PREEMPTION_OWNER"  # "<job>:<pid>" of the job's first qreg process: the one that requeues
@@ -36,15 +37,6 @@ OWNER = "QREG_PREEMPTION_OWNER"  # "<job>:<pid>" of the job's first qreg process
 
 class Preempted(BaseException):  # noqa: N818 - a stop, like KeyboardInterrupt, not an error
     """SIGUSR1 outside a running fit: the command ends where it is."""
-
-
-class _State:
-    trainer = None
-
-
-def watch(trainer) -> None:
-    """The trainer a preemption stops at its next batch."""
-    _State.trainer = trainer
 
 
 def preempted() -> bool:
@@ -61,8 +53,9 @@ def _fitting(trainer) -> bool:
 def _on_preemption(_number, _frame) -> None:
     first = not preemption_noted()
     note_preemption()
-    if _fitting(_State.trainer):
-        _State.trainer._signal_connector.received_sigterm = True
+    trainer = watched()
+    if _fitting(trainer):
+        trainer._signal_connector.received_sigterm = True
         if first:
             print("qreg: SIGUSR1 (preemption): stopping after this batch and saving last.ckpt", file=sys.stderr,
                   flush=True)
@@ -132,7 +125,6 @@ def requeue() -> None:
 @contextlib.contextmanager
 def owning_preemption() -> Iterator[None]:
     """Own SIGUSR1 for one command; requeue the job after it when a preemption came and this process owns it."""
-    _State.trainer = None
     forget_preemption()
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
@@ -144,7 +136,6 @@ def owning_preemption() -> Iterator[None]:
     try:
         yield
     finally:
-        _State.trainer = None
         signal.signal(PREEMPTION_SIGNAL, previous)
         if under_slurm():
             # Ended here rather than by wandb's exit hook, which prints a traceback when SLURM's SIGTERM (a

@@ -17,8 +17,13 @@ class _State:
 
 
 def watch(trainer) -> None:
-    """Let a Ctrl-C stop this trainer at its next batch."""
+    """Let a Ctrl-C (or a preemption, app/preemption.py) stop this trainer at its next batch."""
     _State.trainer = trainer
+
+
+def watched():
+    """The running command's trainer, once built (None before and after)."""
+    return _State.trainer
 
 
 def ctrl_c_received() -> bool:
