@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.models import build_model
-from quantizers import QuantSpec, parameter_groups, quantize_model
+from quantizers import QuantSpec, parameter_groups, prepare, quantize_model
 from quantizers.compiling import compile_after_initialization
 
 
@@ -45,11 +45,13 @@ class TimedTrainingStep:
 
 class ClassifierStep(TimedTrainingStep):
     """A quantized classifier, its SGD optimizer (the CIFAR recipe's groups) and a fixed batch; `compiled` takes
-    the way `compile: true` does (quantize, compile, train); `bf16` runs the forward under autocast. The
-    warm-up steps (compilation, LSQ's first-batch initialisation) are timed apart, in `warmup_seconds`."""
+    the way `compile: true` does (quantize, compile, train: the first batch runs eagerly), `library` the way a
+    user of the quantizers package does (quantize, `quantizers.prepare` on the batch, `torch.compile`, train);
+    `bf16` runs the forward under autocast. The warm-up steps (compilation, the quantizers' first-batch
+    initialisation) are timed apart, in `warmup_seconds`."""
 
     def __init__(self, model_name: str, spec: QuantSpec, batch: tuple, device: str, compiled: bool = False,
-                 backend: str = "inductor", bf16: bool = False, warmup_steps: int = 3) -> None:
+                 backend: str = "inductor", bf16: bool = False, warmup_steps: int = 3, library: bool = False) -> None:
         torch.manual_seed(0)
         self.model = quantize_model(build_model(model_name, 10), spec).to(device).train()
         self.optimizer = torch.optim.SGD(parameter_groups(self.model, 1e-4), lr=0.01, momentum=0.9)
@@ -58,6 +60,8 @@ class ClassifierStep(TimedTrainingStep):
         start = time.perf_counter()
         if compiled:
             compile_after_initialization(self.model, backend=backend)
+        if library:
+            self.model = torch.compile(prepare(self.model, self.images), backend=backend)
         for _ in range(warmup_steps):
             self.step()
         self.warmup_seconds = time.perf_counter() - start

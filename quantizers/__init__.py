@@ -11,6 +11,7 @@ from quantizers.base import (
     quantizers_in,
     unready_quantizers,
 )
+from quantizers.compiling import prepare
 from quantizers.dorefa import DoReFaActQuantizer, DoReFaWeightQuantizer
 from quantizers.errors import QuantSpecError
 from quantizers.grid import IntegerGrid, NoIntegerGrid
@@ -63,6 +64,7 @@ __all__ = [
     "method_colour",
     "method_label",
     "parameter_groups",
+    "prepare",
     "plan_layers",
     "precision_label",
     "quantize_model",

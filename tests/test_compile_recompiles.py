@@ -62,3 +62,70 @@ def test_a_restored_pact_network_evaluates_compiled_without_a_training_batch():
         net(torch.rand(4, 3, 32, 32))
     torch._dynamo.reset()
     assert len(graphs) == 1, "evaluation of a restored PACT network ran eagerly"
+
+
+def _counting_backend(graphs: list):
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    return backend
+
+
+def _lsq_resnet20():
+    from lightning_modules.models import build_model
+    from quantizers import QuantSpec, quantize_model
+
+    torch.manual_seed(0)
+    return quantize_model(build_model("resnet20", 10), QuantSpec(method="lsq", weight_bits=4))
+
+
+def test_prepare_initialises_the_quantizers_as_the_first_training_step_would_and_leaves_the_rest():
+    from quantizers import prepare, unready_quantizers
+
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    prepared, stepped = _lsq_resnet20(), _lsq_resnet20()
+    before = {k: v.clone() for k, v in prepared.state_dict().items()}
+    prepared.eval()
+    rng = torch.get_rng_state()
+    assert prepare(prepared, images) is prepared
+    assert not unready_quantizers(prepared) and not prepared.training  # ready, and its mode given back
+    assert torch.equal(torch.get_rng_state(), rng)
+    stepped.train()
+    stepped(images)  # what the first training step's forward does
+    after, theirs = prepared.state_dict(), stepped.state_dict()
+    quantizer_keys = [k for k in after if "quantizer" in k]
+    assert any(k.endswith("input_quantizer.step") for k in quantizer_keys)
+    for key in after:
+        if key in quantizer_keys:  # the quantizers hold what the first training step sets
+            assert torch.equal(after[key], theirs[key]), key
+        else:  # everything else as it was: BatchNorm statistics included (the training step moved them)
+            assert torch.equal(after[key], before[key]), key
+    assert not torch.equal(theirs["bn1.running_mean"], before["bn1.running_mean"])
+
+
+def test_a_prepared_network_compiled_by_hand_trains_in_one_graph():
+    """The library path: quantize, prepare, torch.compile, train. Without prepare the same loop compiles the
+    quantizers' first-batch branch and recompiles once they are ready."""
+    from quantizers import parameter_groups, prepare
+
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    labels = torch.arange(8) % 10
+
+    def graphs_of_three_steps(prepared: bool) -> int:
+        net = _lsq_resnet20().train()
+        if prepared:
+            prepare(net, images)
+        graphs: list = []
+        torch._dynamo.reset()
+        compiled = torch.compile(net, backend=_counting_backend(graphs))
+        optimizer = torch.optim.SGD(parameter_groups(net, 1e-4), lr=0.01, momentum=0.9)
+        for _ in range(3):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(compiled(images), labels).backward()
+            optimizer.step()
+        torch._dynamo.reset()
+        return len(graphs)
+
+    assert graphs_of_three_steps(prepared=True) == 1
+    assert graphs_of_three_steps(prepared=False) > 1
