@@ -1,6 +1,7 @@
-"""ONNX Runtime CPU speed of an exported ResNet20, FP32 vs its 8-bit QDQ export, and file sizes by bits.
+"""ONNX Runtime CPU speed of an exported ResNet20: FP32, its exact QDQ export and its onnx-int8 export (QLinearConv),
+and file sizes by bits.
 
-    python benchmarks/export.py                  # batch 1 and 128, 2 threads
+    python benchmarks/export.py                  # batch 1 and 128, threads = cores
     python benchmarks/export.py --threads 1 --rounds 5
 
 Models are built, not trained: ResNet20 with 10 classes, quantized with LSQ (activation steps set by one
@@ -16,6 +17,7 @@ integer file (`--format int`), per bit width.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -27,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from deploy.onnx_int8 import export_onnx_int8  # noqa: E402
 from deploy.onnx_qdq import export_onnx  # noqa: E402
 from deploy.packed import save_packed  # noqa: E402
 from deploy.verify import runtime_kernels, session  # noqa: E402
@@ -51,7 +54,7 @@ def timed(runtime, images: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 128])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=1.0, help="timed runs per round: about this long")
     args = parser.parse_args()
@@ -65,6 +68,12 @@ def main() -> None:
         path = scratch / f"{label.replace(' ', '_').replace(',', '')}.onnx"
         export_onnx(network(spec), example, path, fold_bn=fold)
         models[label] = path
+    calibration = torch.randn(256, 3, 32, 32)  # the models are calibrated on random images too (see `network`)
+    for bits in (8, 4):
+        label = f"LSQ W{bits}A{bits} onnx-int8"
+        path = scratch / f"int8_w{bits}.onnx"
+        export_onnx_int8(network(QuantSpec(method="lsq", weight_bits=bits)), example, calibration, path)
+        models[label] = path
 
     print(f"ONNX Runtime CPU, {args.threads} threads, medians of {args.rounds} rounds\n")
     print("| model | runtime nodes (after ONNX Runtime's optimisations) |")
@@ -73,7 +82,8 @@ def main() -> None:
         kernels = runtime_kernels(path, scratch)
         shown = ", ".join(f"{kind} {count}" for kind, count in kernels.items()
                           if kind in ("Conv", "FusedConv", "QLinearConv", "QuantizeLinear", "DequantizeLinear",
-                                      "BatchNormalization", "Gemm", "MatMulIntegerToFloat", "QGemm"))
+                                      "BatchNormalization", "Gemm", "MatMulIntegerToFloat", "QGemm", "Transpose",
+                                      "QLinearAdd", "Add", "Relu", "Clip"))
         print(f"| {label} | {shown} |")
 
     for batch in args.batches:

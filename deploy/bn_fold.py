@@ -15,38 +15,12 @@ is not a constant. Folding writes new initializers, so constants shared with oth
 from __future__ import annotations
 
 import numpy as np
-from onnx import ModelProto, helper, numpy_helper
+from onnx import ModelProto, helper
+
+from deploy.onnx_graph import GraphIndex
 
 
-class _Graph:
-    def __init__(self, model: ModelProto) -> None:
-        self.graph = model.graph
-        self.initializers = {t.name: t for t in self.graph.initializer}
-        self.producers = {out: node for node in self.graph.node for out in node.output}
-        self.consumers: dict[str, list] = {}
-        for node in self.graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-        self.graph_outputs = {o.name for o in self.graph.output}
-
-    def constant(self, name: str) -> np.ndarray | None:
-        tensor = self.initializers.get(name)
-        return None if tensor is None else numpy_helper.to_array(tensor)
-
-    def used_once(self, name: str) -> bool:
-        return len(self.consumers.get(name, [])) == 1 and name not in self.graph_outputs
-
-    def replace_initializer(self, name: str, array: np.ndarray) -> str:
-        new_name = f"{name}_folded"
-        while new_name in self.initializers:
-            new_name += "_"
-        tensor = numpy_helper.from_array(array, new_name)
-        self.graph.initializer.append(tensor)
-        self.initializers[new_name] = tensor
-        return new_name
-
-
-def _layer_name(graph: _Graph, conv) -> str:
+def _layer_name(graph: GraphIndex, conv) -> str:
     """The module the Conv came from, read off its weight initializer's name (e.g. layer1.0.conv1)."""
     weight = conv.input[1]
     producer = graph.producers.get(weight)
@@ -58,26 +32,26 @@ def _layer_name(graph: _Graph, conv) -> str:
     return conv.name or weight
 
 
-def _bn_name(graph: _Graph, bn) -> str:
+def _bn_name(graph: GraphIndex, bn) -> str:
     producer = graph.producers.get(bn.input[0])
     if producer is not None and producer.op_type == "Conv":
         return f"the BatchNorm after {_layer_name(graph, producer)}"
     return f"BatchNorm {bn.input[1].removesuffix('.weight')}"
 
 
-def _why_not(graph: _Graph, bn) -> str | None:
+def _why_not(graph: GraphIndex, bn) -> str | None:
     """None when `bn` can be folded into its Conv, else the reason it cannot."""
     if len(bn.output) != 1:
         return "it is in training mode"
     conv = graph.producers.get(bn.input[0])
     if conv is None or conv.op_type != "Conv":
         return f"its input comes from {conv.op_type if conv is not None else 'the graph input'}, not a Conv"
-    if not graph.used_once(conv.output[0]):
+    if graph.only_consumer(conv.output[0]) is None:
         return "the Conv's output is also used elsewhere"
     if any(graph.constant(name) is None for name in bn.input[1:5]):
         return "its parameters are not constants"
     weight = conv.input[1]
-    if not graph.used_once(weight):
+    if graph.only_consumer(weight) is None:
         return "the Conv's weights are shared with another node"
     dq = graph.producers.get(weight)
     if dq is not None and dq.op_type == "DequantizeLinear":
@@ -96,7 +70,7 @@ def _rank(conv) -> int:
     return 2 + (len(kernel) if kernel else 2)
 
 
-def _fold(graph: _Graph, bn) -> None:
+def _fold(graph: GraphIndex, bn) -> None:
     conv = graph.producers[bn.input[0]]
     gamma, beta, mean, var = (graph.constant(name).astype(np.float64) for name in bn.input[1:5])
     epsilon = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
@@ -107,19 +81,20 @@ def _fold(graph: _Graph, bn) -> None:
         # Per channel along axis 0 from now on: the integers stay, each output channel's scale takes the factor.
         scale = graph.constant(dq.input[1]).astype(np.float64)
         scale = np.broadcast_to(scale, (channels,)) * factor
-        dq.input[1] = graph.replace_initializer(dq.input[1], scale.astype(np.float32))
+        dq.input[1] = graph.add_initializer(f"{dq.input[1]}_folded", scale.astype(np.float32))
         if len(dq.input) > 2 and dq.input[2]:
             zero_point = graph.constant(dq.input[2])
-            dq.input[2] = graph.replace_initializer(dq.input[2], np.broadcast_to(zero_point, (channels,)).copy())
+            zero_points = np.broadcast_to(zero_point, (channels,)).copy()
+            dq.input[2] = graph.add_initializer(f"{dq.input[2]}_folded", zero_points)
         del dq.attribute[:]
         dq.attribute.append(helper.make_attribute("axis", 0))
     else:
         weight = graph.constant(conv.input[1]).astype(np.float64)
         folded = weight * factor.reshape(-1, *([1] * (weight.ndim - 1)))
-        conv.input[1] = graph.replace_initializer(conv.input[1], folded.astype(np.float32))
+        conv.input[1] = graph.add_initializer(f"{conv.input[1]}_folded", folded.astype(np.float32))
     bias = graph.constant(conv.input[2]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
     new_bias = (beta + (bias - mean) * factor).astype(np.float32).reshape(1, channels, *([1] * (_rank(conv) - 2)))
-    bias_name = graph.replace_initializer(f"{_layer_name(graph, conv)}.bias", new_bias)
+    bias_name = graph.add_initializer(f"{_layer_name(graph, conv)}.bias_folded", new_bias)
     del conv.input[2:]
     conv.output[0] = f"{bn.output[0]}_before_bias"
     add = helper.make_node("Add", [conv.output[0], bias_name], [bn.output[0]], name=f"{bn.name or bias_name}_bias")
@@ -138,7 +113,7 @@ def fold_batch_norms(model: ModelProto) -> tuple[list[str], list[tuple[str, str]
     """Fold what can be folded, in place; returns (folded layer names, [(BatchNorm, why it stays)])."""
     folded, kept = [], []
     for bn in [node for node in model.graph.node if node.op_type == "BatchNormalization"]:
-        graph = _Graph(model)  # rebuilt per fold: each fold rewires nodes and initializers
+        graph = GraphIndex(model)  # rebuilt per fold: each fold rewires nodes and initializers
         reason = _why_not(graph, bn)
         if reason is None:
             folded.append(_layer_name(graph, graph.producers[bn.input[0]]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +25,7 @@ from deploy.grids import activation_grid
 from quantizers import CHECKPOINT_KEY, QuantSpec, quantized_layers
 from records.exits import EXIT_SIGINT, EXIT_SIGTERM
 
-FORMATS = ("onnx", "int")
+FORMATS = ("onnx", "onnx-int8", "int")
 # Sections of a fit config that export reads past: they configure training, not the model.
 _IGNORED_SECTIONS = ("trainer", "seed_everything", "flatness", "results", "test_after_fit", "optimizer",
                      "lr_scheduler", "weights_only")
@@ -46,10 +47,18 @@ def add_export_arguments(parser) -> None:
         parser.add_argument(f"--{section}", type=Any, default=None, help="read past (training only)")
     parser.add_argument("--ckpt_path", required=True, help="the trained checkpoint")
     parser.add_argument("--format", type=Literal[FORMATS], default="onnx",
-                        help="onnx: QDQ graph (plain float for an FP32 model); int: packed integer weights")
+                        help="onnx: QDQ graph (plain float for an FP32 model); onnx-int8: quantized convolutions as "
+                             "QLinearConv (ONNX Runtime's integer kernels; BatchNorm folded); int: packed integer "
+                             "weights")
     parser.add_argument("--out", required=True, help="the file to write (.onnx, or .safetensors for int)")
     parser.add_argument("--fold_bn", type=bool, default=False,
                         help="onnx: fold BatchNorm into the convolutions' scales where the levels stay exact")
+    parser.add_argument("--new_points", type=bool, default=True,
+                        help="onnx-int8: also run the convolutions whose output enters float arithmetic (residual "
+                             "additions, pooling) as QLinearConv, at a new 8-bit rounding point calibrated on "
+                             "training images; false keeps them DequantizeLinear + float Conv")
+    parser.add_argument("--calibration_images", type=int, default=1000,
+                        help="onnx-int8: training images that set the scales of the new 8-bit points (at most)")
     parser.add_argument("--verify", type=bool, default=True,
                         help="check the written model against the PyTorch model on test images")
     parser.add_argument("--verify_images", type=int, default=1000, help="test images the check uses (at most)")
@@ -100,8 +109,8 @@ def model_class_for(configured: Any, checkpoint: dict[str, Any], ckpt_path: Path
 def resolve_spec(ckpt_path: Path, stored: QuantSpec | None, configured: QuantSpec, export_format: str) -> QuantSpec:
     """The spec to export with: the checkpoint's, checked against the format and the config."""
     if stored is None:
-        if export_format == "int" or configured.quantized:
-            asked = "--format int" if export_format == "int" else f"the config's {configured.describe()}"
+        if export_format != "onnx" or configured.quantized:
+            asked = f"--format {export_format}" if export_format != "onnx" else f"the config's {configured.describe()}"
             raise ExportError(f"{ckpt_path} holds no quantization spec (it was not saved by a qreg fit), so it cannot "
                               f"be exported as quantized ({asked}); export a checkpoint of a quantized run")
         return QuantSpec()
@@ -112,6 +121,9 @@ def resolve_spec(ckpt_path: Path, stored: QuantSpec | None, configured: QuantSpe
     if export_format == "int" and not stored.quantized:
         raise ExportError(f"{ckpt_path} is an FP32 model ({stored.method}): --format int packs quantized weights; "
                           "use --format onnx for a float model")
+    if export_format == "onnx-int8" and not stored.quantized:
+        raise ExportError(f"{ckpt_path} is an FP32 model ({stored.method}): --format onnx-int8 runs quantized layers "
+                          "in integer kernels; use --format onnx for a float model")
     return stored
 
 
@@ -144,14 +156,9 @@ def _images_of(batch) -> torch.Tensor:
     raise ExportError(f"cannot find the images in a test batch of type {type(batch).__name__}")
 
 
-def test_images(datamodule, count: int) -> torch.Tensor:
-    """Up to `count` clean test images as the network receives them (after the DataModule's preprocessing).
-
-    Through the predict stage, which serves the clean test set alone: the test stage would also build, or load
-    and check, all 95 corrupted splits. Images still in uint8 (the detection DataModules) are scaled to [0, 1]
-    as the detection module does before its network."""
-    datamodule.setup("predict")
-    loader = datamodule.predict_dataloader()
+def _network_images(datamodule, loader, count: int) -> torch.Tensor:
+    """Up to `count` images of `loader` as the network receives them (after the DataModule's preprocessing);
+    images still in uint8 (the detection DataModules) are scaled to [0, 1] as the detection module does."""
     chunks, total = [], 0
     for batch in loader:
         images = _images_of(datamodule.on_after_batch_transfer(batch, 0))
@@ -161,6 +168,22 @@ def test_images(datamodule, count: int) -> torch.Tensor:
         if total >= count:
             break
     return torch.cat(chunks)[:count]
+
+
+def test_images(datamodule, count: int) -> torch.Tensor:
+    """Up to `count` clean test images as the network receives them.
+
+    Through the predict stage, which serves the clean test set alone: the test stage would also build, or load
+    and check, all 95 corrupted splits."""
+    datamodule.setup("predict")
+    return _network_images(datamodule, datamodule.predict_dataloader(), count)
+
+
+def training_images(datamodule, count: int) -> torch.Tensor:
+    """Up to `count` training images (the onnx-int8 calibration), in the training loader's order; no trainer is
+    attached, so the classification DataModules leave them unaugmented."""
+    datamodule.setup("fit")
+    return _network_images(datamodule, datamodule.train_dataloader(), count)
 
 
 def last_layer_step(net: nn.Module) -> float | None:
@@ -181,10 +204,57 @@ def _size(size: int) -> str:
     return f"{size / 1e6:.2f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
 
 
-def run_export(config) -> None:
-    from deploy.onnx_qdq import export_onnx
-    from deploy.packed import load_packed, round_trip_identical, save_packed
+def _onnx_check(config, net: nn.Module, images: torch.Tensor, out: Path, agreement: dict[str, Any]):
+    """The check a written ONNX file must pass before it takes its name; its result lands in `agreement`."""
     from deploy.verify import compare
+
+    def check(path: Path) -> None:
+        if not config.verify:
+            return
+        result = compare(path, net, images)
+        agreement["result"] = result
+        if result.top1_agreement is not None and result.top1_agreement < config.min_agreement:
+            raise VerificationFailed(f"ONNX Runtime agrees with PyTorch on only {result.describe()} "
+                                     f"(< {100 * config.min_agreement:.1f} %); {out} was not written")
+        if result.top1_agreement is None and result.worst_relative_difference > config.max_difference:
+            raise VerificationFailed(f"ONNX Runtime differs from PyTorch by more than {config.max_difference:g} "
+                                     f"of an output's range: {result.describe()}; {out} was not written")
+
+    return check
+
+
+def _export_qdq(config, net: nn.Module, images: torch.Tensor, out: Path, check) -> None:
+    from deploy.onnx_qdq import export_onnx
+
+    report = export_onnx(net, images[:2], out, fold_bn=config.fold_bn, check=check)
+    quantized = sum(1 for layer in report.layers if layer.weight_bits or layer.act_bits)
+    print(f"wrote {out} ({_size(report.size)}): " + (
+        f"{quantized} quantized layers as QDQ ({report.layer_summary()})" if quantized else "float model"))
+    if config.fold_bn:
+        print(f"BatchNorm folded into {len(report.folded)} convolutions"
+              + "".join(f"; not folded: {bn} ({why})" for bn, why in report.not_folded))
+
+
+def _export_int8(config, net: nn.Module, images: torch.Tensor, datamodule, out: Path, check) -> None:
+    from deploy.onnx_int8 import export_onnx_int8
+
+    calibration = training_images(datamodule, config.calibration_images) if config.new_points else images[:2]
+    report = export_onnx_int8(net, images[:2], calibration, out, new_points=config.new_points, check=check)
+    not_folded = "".join(f"; not folded: {bn} ({why})" for bn, why in report.not_folded)
+    print(f"wrote {out} ({_size(report.size)}): {report.route_summary()}; BatchNorm folded into "
+          f"{len(report.folded)} convolutions{not_folded}")
+    print("per layer:")
+    for route in report.routes:
+        print(f"  {route.describe()}")
+    from deploy.verify import runtime_kernels
+
+    with tempfile.TemporaryDirectory(prefix="qreg-kernels-") as scratch:
+        kernels = runtime_kernels(out, Path(scratch))
+    print("ONNX Runtime runs: " + ", ".join(f"{kind} {count}" for kind, count in kernels.items()))
+
+
+def run_export(config) -> None:
+    from deploy.packed import load_packed, round_trip_identical, save_packed
 
     ckpt_path, out = Path(config.ckpt_path), Path(config.out)
     from deploy.output import check_writable
@@ -192,6 +262,8 @@ def run_export(config) -> None:
     check_writable(out)
     if config.verify_images < 1:
         raise ExportError(f"--verify_images must be >= 1, got {config.verify_images}")
+    if config.format == "onnx-int8" and config.calibration_images < 1:
+        raise ExportError(f"--calibration_images must be >= 1, got {config.calibration_images}")
     from callbacks import QuantizationCallback
 
     fields = {k: v for k, v in config.quantization.as_dict().items() if not k.startswith("__")}
@@ -200,14 +272,14 @@ def run_export(config) -> None:
     model_class = model_class_for(config.model, checkpoint, ckpt_path)
     spec = resolve_spec(ckpt_path, checkpoint_spec(ckpt_path, checkpoint), configured, config.format)
     del checkpoint
-    needs_images = config.format == "onnx" or config.verify
+    needs_images = config.format != "int" or config.verify
     if needs_images and config.data is None:
         raise ExportError("no data section: export needs test images (for the graph's input shape and the check); "
                           "give the run's config (--config runs/<run>/config.yaml)"
                           + (" or --verify false" if config.format == "int" else ""))
     module = load_module(model_class, ckpt_path)
     net = network(module)
-    images = None
+    images = datamodule = None
     if needs_images:
         from jsonargparse import ArgumentParser
         from lightning import LightningDataModule
@@ -217,28 +289,13 @@ def run_export(config) -> None:
         datamodule = parser.instantiate_classes(parser.parse_object({"data": config.data.as_dict()})).data
         images = test_images(datamodule, config.verify_images)
     print(f"exporting {ckpt_path} ({spec.describe()}, {type(module).__name__}) as {config.format} to {out}")
-    if config.format == "onnx":
+    if config.format in ("onnx", "onnx-int8"):
         agreement: dict[str, Any] = {}
-
-        def check(path: Path) -> None:
-            if not config.verify:
-                return
-            result = compare(path, net, images)
-            agreement["result"] = result
-            if result.top1_agreement is not None and result.top1_agreement < config.min_agreement:
-                raise VerificationFailed(f"ONNX Runtime agrees with PyTorch on only {result.describe()} "
-                                         f"(< {100 * config.min_agreement:.1f} %); {out} was not written")
-            if result.top1_agreement is None and result.worst_relative_difference > config.max_difference:
-                raise VerificationFailed(f"ONNX Runtime differs from PyTorch by more than {config.max_difference:g} "
-                                         f"of an output's range: {result.describe()}; {out} was not written")
-
-        report = export_onnx(net, images[:2], out, fold_bn=config.fold_bn, check=check)
-        quantized = sum(1 for layer in report.layers if layer.weight_bits or layer.act_bits)
-        print(f"wrote {out} ({_size(report.size)}): " + (
-            f"{quantized} quantized layers as QDQ ({report.layer_summary()})" if quantized else "float model"))
-        if config.fold_bn:
-            print(f"BatchNorm folded into {len(report.folded)} convolutions"
-                  + "".join(f"; not folded: {bn} ({why})" for bn, why in report.not_folded))
+        check = _onnx_check(config, net, images, out, agreement)
+        if config.format == "onnx":
+            _export_qdq(config, net, images, out, check)
+        else:
+            _export_int8(config, net, images, datamodule, out, check)
         if "result" in agreement:
             result = agreement["result"]
             step = last_layer_step(net)

@@ -178,7 +178,7 @@ def onnx_bytes(deployed: nn.Module, example: torch.Tensor) -> tuple[bytes, list[
     return program.model_proto.SerializeToString(), names
 
 
-def _strip_trace_metadata(model) -> None:
+def strip_trace_metadata(model) -> None:
     """Drop the exporter's per-node Python stack traces: 40 % of a ResNet20 file, of no use to a runtime."""
     for items in (model.graph.node, model.graph.value_info, model.graph.initializer):
         for item in items:
@@ -198,7 +198,7 @@ def export_onnx(net: nn.Module, example: torch.Tensor, path: str | Path, fold_bn
     deployed, layers = deploy_network(net)
     data, names = onnx_bytes(deployed, example)
     model = onnx.load_from_string(data)
-    _strip_trace_metadata(model)
+    strip_trace_metadata(model)
     folded, not_folded = fold_batch_norms(model) if fold_bn else ([], [])
     onnx.checker.check_model(model)
     data = model.SerializeToString()

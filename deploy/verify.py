@@ -96,8 +96,9 @@ class Agreement:
         return ", ".join(parts)
 
 
-def session(path: str | Path, threads: int | None = None, optimized_model: str | Path | None = None):
-    """An ONNX Runtime CPU session with every graph optimisation on (what a deployment would use)."""
+def session(path: str | Path | bytes, threads: int | None = None, optimized_model: str | Path | None = None):
+    """An ONNX Runtime CPU session with every graph optimisation on (what a deployment would use); `path` may
+    also be a serialized model."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -107,7 +108,8 @@ def session(path: str | Path, threads: int | None = None, optimized_model: str |
         options.intra_op_num_threads = threads
     if optimized_model is not None:
         options.optimized_model_filepath = str(optimized_model)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def runtime_kernels(path: str | Path, scratch: Path) -> dict[str, int]:
