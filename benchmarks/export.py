@@ -51,12 +51,41 @@ def timed(runtime, images: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
+def op_times(path: Path, images: np.ndarray, threads: int, runs: int = 20) -> dict[str, float]:
+    """Milliseconds per batch spent in each operator type, from ONNX Runtime's own profiler."""
+    import json
+    from collections import Counter
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.intra_op_num_threads = threads
+    options.profile_file_prefix = str(path.with_suffix(""))
+    runtime = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        runtime.run(None, {"images": images})
+    profile = runtime.end_profiling()  # the warm-up runs are in this one; profiling restarts below
+    runtime = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        runtime.run(None, {"images": images})
+    profile = runtime.end_profiling()
+    totals: Counter = Counter()
+    with open(profile) as handle:
+        for event in json.load(handle):
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                totals[event["args"]["op_name"]] += event["dur"] / 1000 / runs
+    return dict(totals.most_common())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 128])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=1.0, help="timed runs per round: about this long")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print ONNX Runtime's time per operator type at the largest batch")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="qreg-export-bench-"))
     example = torch.randn(2, 3, 32, 32)
@@ -104,6 +133,15 @@ def main() -> None:
         for label, samples in times.items():
             median = statistics.median(samples)
             print(f"| {label} | {1000 * median:.2f} | {batch / median:,.0f} | {median / fp32:.2f}x |")
+
+    if args.profile:
+        batch = max(args.batches)
+        images = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+        print(f"\nms per batch of {batch} by operator (ONNX Runtime's profiler, 20 runs):\n")
+        for label in ("FP32", "LSQ W8A8 QDQ", "LSQ W8A8 onnx-int8"):
+            times = op_times(models[label], images, args.threads)
+            listed = ", ".join(f"{op} {ms:.1f}" for op, ms in times.items() if ms >= 0.05)
+            print(f"- {label} ({sum(times.values()):.1f} ms in kernels): {listed}")
 
     print("\nfile sizes (ResNet20, 10 classes; first and last layer at 8 bits):\n")
     fp32_path = models["FP32"]
