@@ -129,9 +129,11 @@ try:
     code = 0
 except SystemExit as done:
     code = done.code
+import importlib
 import importlib.util
-names = ["quantizers", "records", "datamodules", "lightning_modules", "callbacks", "study", "deploy"]
-found = {n: getattr(sys.modules.get(n), "__file__", None) for n in names}
+names = ["user_errors", "quantizers", "records", "datamodules", "lightning_modules", "callbacks", "study", "deploy",
+         "app"]
+found = {n: importlib.import_module(n).__file__ for n in names}  # a namespace package (no __init__.py) gives None
 found["cli"] = importlib.util.find_spec("cli").origin  # it ran as __main__
 print("MODULES " + json.dumps(found))
 sys.exit(code)
@@ -144,7 +146,8 @@ def test_a_non_editable_install_runs_cli_help(tmp_path):
     importable (isolated mode, another working directory, the editable install's finder removed)."""
     source = tmp_path / "source"
     source.mkdir()
-    for name in ("pyproject.toml", "README.md", "LICENSE", "cli.py"):
+    modules = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
+    for name in ("pyproject.toml", "README.md", "LICENSE", *(f"{module}.py" for module in modules)):
         shutil.copy(REPO / name, source / name)
     for name in top_level_packages():
         shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
