@@ -20,8 +20,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from app.preemption import Preempted
 from app.signals import ctrl_c_received
 from lightning_modules.divergence import TrainingDiverged
-from records.exits import EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR
-from records.preemption import EXIT_PREEMPTED, preemption_noted
+from records.exits import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR
+from records.preemption import preemption_noted
 from study.layout import RUNS_DIR
 from user_errors import UserError
 

@@ -39,10 +39,6 @@ class Preempted(BaseException):  # noqa: N818 - a stop, like KeyboardInterrupt, 
     """SIGUSR1 outside a running fit: the command ends where it is."""
 
 
-def preempted() -> bool:
-    return preemption_noted()
-
-
 def _fitting(trainer) -> bool:
     from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 

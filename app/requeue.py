@@ -14,20 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from app import run_folder
-from callbacks.checkpoint_io import checkpoint_problem
-from study.runner import checkpoint_candidates
+from callbacks.checkpoint_io import newest_loadable_checkpoint
 
 
 def requeued_checkpoint(config: Any, subcommand: str) -> str | None:
     """The checkpoint a requeued `fit` without `--ckpt_path` resumes from, or None (not a requeue, no checkpoint).
-    Damaged files are skipped, not renamed: every DDP rank must reach the same answer."""
+    Damaged files are passed over, not renamed: every DDP rank must reach the same answer."""
     if subcommand != "fit" or config.get("ckpt_path") or not os.environ.get("SLURM_JOB_ID"):
         return None  # (outside SLURM default_run_dir would reserve a fresh folder)
     folder = Path(config.trainer.get("default_root_dir") or run_folder.default_run_dir(config, subcommand))
     if run_folder.continued_in_place(folder) not in ("SLURM requeue", "hpc checkpoint"):
         return None
-    for path in checkpoint_candidates(folder):
-        if checkpoint_problem(path) is None:
-            print(f"qreg: requeued SLURM job: resuming {folder} from {path}", flush=True)
-            return str(path)
-    return None
+    path = newest_loadable_checkpoint(folder)
+    if path is not None:
+        print(f"qreg: requeued SLURM job: resuming {folder} from {path}", flush=True)
+    return None if path is None else str(path)

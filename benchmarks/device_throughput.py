@@ -66,7 +66,8 @@ def training_rates(args, models, deadline: float) -> dict[tuple[str, str, str], 
                     rates[key] = None  # over the time budget
                     continue
                 trainees[key] = ClassifierStep(model, METHODS[method], batch, args.device, backend=args.backend,
-                                               compiled=mode.startswith("compiled"), bf16="bf16" in mode)
+                                               compile_as="cli" if mode.startswith("compiled") else None,
+                                               bf16="bf16" in mode)
                 print(f"  ready: {model} {method} {mode}", flush=True)
     samples = {key: [] for key in trainees}
     for _ in range(args.rounds):

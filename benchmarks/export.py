@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deploy.onnx_int8 import export_onnx_int8  # noqa: E402
-from deploy.onnx_qdq import export_onnx  # noqa: E402
+from deploy.onnx_qdq import INPUT_NAME, export_onnx  # noqa: E402
 from deploy.packed import save_packed  # noqa: E402
 from deploy.verify import runtime_kernels, session  # noqa: E402
 from lightning_modules.models import build_model  # noqa: E402
@@ -47,12 +47,13 @@ def network(spec: QuantSpec) -> torch.nn.Module:
 
 def timed(runtime, images: np.ndarray) -> float:
     start = time.perf_counter()
-    runtime.run(None, {"images": images})
+    runtime.run(None, {INPUT_NAME: images})
     return time.perf_counter() - start
 
 
-def op_times(path: Path, images: np.ndarray, threads: int, runs: int = 20) -> dict[str, float]:
-    """Milliseconds per batch spent in each operator type, from ONNX Runtime's own profiler."""
+def op_times(path: Path, images: np.ndarray, threads: int, runs: int = 20, warmup: int = 3) -> dict[str, float]:
+    """Milliseconds per batch spent in each operator type, from ONNX Runtime's own profiler (one session; the
+    kernels of its first `warmup` runs are left out)."""
     import json
     from collections import Counter
 
@@ -63,18 +64,16 @@ def op_times(path: Path, images: np.ndarray, threads: int, runs: int = 20) -> di
     options.intra_op_num_threads = threads
     options.profile_file_prefix = str(path.with_suffix(""))
     runtime = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    for _ in range(3):
-        runtime.run(None, {"images": images})
-    profile = runtime.end_profiling()  # the warm-up runs are in this one; profiling restarts below
-    runtime = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    for _ in range(runs):
-        runtime.run(None, {"images": images})
-    profile = runtime.end_profiling()
+    for _ in range(warmup + runs):
+        runtime.run(None, {INPUT_NAME: images})
+    with open(runtime.end_profiling()) as handle:
+        events = json.load(handle)
+    starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    timed_from = starts[warmup]
     totals: Counter = Counter()
-    with open(profile) as handle:
-        for event in json.load(handle):
-            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-                totals[event["args"]["op_name"]] += event["dur"] / 1000 / runs
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= timed_from:
+            totals[event["args"]["op_name"]] += event["dur"] / 1000 / runs
     return dict(totals.most_common())
 
 

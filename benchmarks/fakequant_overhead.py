@@ -61,7 +61,7 @@ def main() -> None:
     for mode in args.modes:
         for name, spec in METHODS.items():
             trainees[(mode, name)] = ClassifierStep(args.model, spec, (images, labels), args.device,
-                                                    compiled=mode == "compiled", library=mode == "library")
+                                                    compile_as={"compiled": "cli", "library": "library"}.get(mode))
             print(f"  ready: {mode:8s} {name:17s} warm-up {trainees[(mode, name)].warmup_seconds:6.1f} s")
 
     samples: dict[tuple[str, str], list[float]] = {key: [] for key in trainees}

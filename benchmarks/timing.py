@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,23 +45,25 @@ class TimedTrainingStep:
 
 
 class ClassifierStep(TimedTrainingStep):
-    """A quantized classifier, its SGD optimizer (the CIFAR recipe's groups) and a fixed batch; `compiled` takes
-    the way `compile: true` does (quantize, compile, train: the first batch runs eagerly), `library` the way a
-    user of the quantizers package does (quantize, `quantizers.prepare` on the batch, `torch.compile`, train);
-    `bf16` runs the forward under autocast. The warm-up steps (compilation, the quantizers' first-batch
-    initialisation) are timed apart, in `warmup_seconds`."""
+    """A quantized classifier, its SGD optimizer (the CIFAR recipe's groups) and a fixed batch. `compile_as`: None
+    (eager), "cli" (the way `compile: true` does it: quantize, compile, train, the first batch running eagerly) or
+    "library" (the way a user of the quantizers package does: quantize, `quantizers.prepare` on the batch,
+    `torch.compile`, train); `bf16` runs the forward under autocast. The warm-up steps (compilation, the
+    quantizers' first-batch initialisation) are timed apart, in `warmup_seconds`."""
 
-    def __init__(self, model_name: str, spec: QuantSpec, batch: tuple, device: str, compiled: bool = False,
-                 backend: str = "inductor", bf16: bool = False, warmup_steps: int = 3, library: bool = False) -> None:
+    def __init__(self, model_name: str, spec: QuantSpec, batch: tuple, device: str,
+                 compile_as: Literal["cli", "library"] | None = None, backend: str = "inductor", bf16: bool = False,
+                 warmup_steps: int = 3) -> None:
         torch.manual_seed(0)
         self.model = quantize_model(build_model(model_name, 10), spec).to(device).train()
-        self.optimizer = torch.optim.SGD(parameter_groups(self.model, 1e-4), lr=0.01, momentum=0.9)
+        lr = 0.01
+        self.optimizer = torch.optim.SGD(parameter_groups(self.model, 1e-4, lr=lr), lr=lr, momentum=0.9)
         self.images, self.labels = batch
         self.device, self.bf16 = device, bf16
         start = time.perf_counter()
-        if compiled:
+        if compile_as == "cli":
             compile_after_initialization(self.model, backend=backend)
-        if library:
+        elif compile_as == "library":
             self.model = torch.compile(prepare(self.model, self.images), backend=backend)
         for _ in range(warmup_steps):
             self.step()

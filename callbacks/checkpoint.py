@@ -108,8 +108,9 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._release(replay=False)  # stopping already: restore the handlers only
-        # Preemption (SIGTERM, e.g. a cluster's time limit): keep the progress of the interrupted epoch in
-        # last.ckpt; a resumed run continues at the next batch (see EpochShuffleSampler).
+        # Preemption (SIGTERM at a cluster's time limit, SIGUSR1 from SLURM's --signal, app/preemption.py): keep
+        # the progress of the interrupted epoch in last.ckpt; a resumed run continues at the next batch (see
+        # EpochShuffleSampler).
         # Ctrl-C takes the same path (app/signals.py turns it into Lightning's SIGTERM flag, so it lands between
         # batches).
         if (isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and self.save_last

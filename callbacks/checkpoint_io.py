@@ -108,6 +108,21 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+def run_checkpoints(folder: Path) -> list[Path]:
+    """A run folder's checkpoints, newest first: `last.ckpt`, `best-*.ckpt`, and Lightning's SLURM
+    `hpc_ckpt_*.ckpt` (written by runs before qreg owned the preemption signal)."""
+    checkpoints = folder / "checkpoints"
+    candidates = [checkpoints / "last.ckpt", *folder.glob("hpc_ckpt_*.ckpt"), *checkpoints.glob("best-*.ckpt")]
+    existing = [p for p in candidates if p.is_file()]
+    return sorted(existing, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def newest_loadable_checkpoint(folder: Path) -> Path | None:
+    """The newest of `run_checkpoints(folder)` that loads as a qreg checkpoint; damaged ones are passed over,
+    not renamed (every DDP rank must reach the same answer)."""
+    return next((path for path in run_checkpoints(folder) if checkpoint_problem(path) is None), None)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Every checkpoint Lightning saves (ModelCheckpoint, `trainer.save_checkpoint`, SLURM's hpc checkpoint)
     lands atomically on the run folder's own file system; loading validates the file first."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from quantizers.health import COLLAPSED_LEVEL_SHARE, collapsed_layers
-from records.measures import chance_bound
+from records.measures import CHANCE_METRIC, IMAGES_METRIC, chance_bound
 from records.splits import CLEAN
 
 
@@ -18,8 +18,8 @@ def collapse_reasons(net: nn.Module, results: dict[str, dict[str, float]]) -> tu
     """(why the tested model is collapsed, one phrase each; how many of its quantized layers are), ([], 0) if alive."""
     reasons = []
     clean = results.get(CLEAN, {})
-    if {"accuracy", "chance", "images"} <= clean.keys():
-        bound = chance_bound(clean["chance"], int(clean["images"]))
+    if {"accuracy", CHANCE_METRIC, IMAGES_METRIC} <= clean.keys():
+        bound = chance_bound(clean[CHANCE_METRIC], int(clean[IMAGES_METRIC]))
         if clean["accuracy"] <= bound:
             reasons.append(f"clean accuracy {clean['accuracy']:.2f} % is at chance level (the largest class is "
                            f"{clean['chance']:.2f} % of {int(clean['images'])} images; bound {bound:.2f} %)")

@@ -14,7 +14,7 @@ from pathlib import Path
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from records.wandb_mode import wandb_is_online
+from records.wandb_mode import wandb_is_online, wandb_project
 
 
 def run_id(run_dir: str | os.PathLike, subcommand: str) -> str:
@@ -31,7 +31,7 @@ def run_logger(run_dir: str | os.PathLike, subcommand: str, group: str, tags: li
         os.environ.pop("WANDB_MODE", None)  # an empty value would make wandb refuse to start
         options["offline"] = not wandb_is_online()
     logger = ResilientWandbLogger(
-        project=os.environ.get("WANDB_PROJECT", "qreg"),
+        project=wandb_project(),
         name=run_name if subcommand == "fit" else f"{run_name}-{subcommand}",
         id=run_id(run_dir, subcommand),
         resume="allow",

@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.corruptions.splits import (
@@ -132,8 +133,9 @@ class EpochShuffleSampler(Sampler[int]):
         return self.size
 
 
-# Lightning warns on every mid-epoch resume unless the DataLoader itself is stateful; ours resume exactly through
-# EpochShuffleSampler (positioned from the restored batch progress, resumable_train_sampler), so the warning is wrong.
+# Lightning warns on every mid-epoch resume unless the DataLoader itself is stateful; on one process ours resume
+# exactly through EpochShuffleSampler (positioned from the restored batch progress, resumable_train_sampler), so
+# the warning is wrong there; under DDP, where the epoch's data does restart, qreg says so itself (below).
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
@@ -158,13 +160,19 @@ def resumable_train_sampler(trainer, size: int, batch_size: int, drop_last: bool
 
 
 def _completed_batches_in_epoch(trainer, size: int, batch_size: int, drop_last: bool) -> int:
-    if trainer is None or not trainer.fit_loop.restarting or trainer.world_size > 1:
-        # Under DDP the distributed sampler splits our order across ranks; a mid-epoch resume there
-        # restarts the epoch's data (the epoch count and weights are still exact).
+    if trainer is None or not trainer.fit_loop.restarting:
         return 0
-    per_epoch = batches_per_epoch(size, batch_size, drop_last, trainer.limit_train_batches)
+    per_epoch = batches_per_epoch(size // trainer.world_size, batch_size, drop_last, trainer.limit_train_batches)
     completed = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-    return completed if 0 < completed < per_epoch else 0  # an end-of-epoch checkpoint starts a new epoch
+    if not 0 < completed < per_epoch:  # an end-of-epoch checkpoint starts a new epoch
+        return 0
+    if trainer.world_size > 1:
+        # The distributed sampler splits our order across ranks: a mid-epoch resume restarts the epoch's data.
+        rank_zero_warn(f"resuming mid-epoch under DDP: epoch {trainer.current_epoch}'s data starts again from its "
+                       f"first batch ({completed} batches of it were trained before the stop); the weights, the "
+                       "epoch count and the learning-rate schedule are exact, the data order of this epoch is not")
+        return 0
+    return completed
 
 
 def batches_per_epoch(images: int, batch_size: int, drop_last: bool, limit: int | float | None = None) -> int:

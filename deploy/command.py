@@ -1,4 +1,5 @@
-"""`cli.py export`: a trained checkpoint to ONNX (QDQ) or packed integer weights, checked in ONNX Runtime.
+"""`cli.py export`: a trained checkpoint to ONNX (exact QDQ, or `onnx-int8` whose quantized convolutions run as
+integer QLinearConv) or packed integer weights, checked in ONNX Runtime.
 
     python cli.py export --config configs/digits_resnet20_lsq4.yaml --ckpt_path runs/<run>/checkpoints/last.ckpt \\
         --format onnx --out model.onnx
@@ -63,10 +64,11 @@ def add_export_arguments(parser) -> None:
                         help="check the written model against the PyTorch model on test images")
     parser.add_argument("--verify_images", type=int, default=1000, help="test images the check uses (at most)")
     parser.add_argument("--min_agreement", type=float, default=0.995,
-                        help="onnx: smallest top-1 agreement with PyTorch the check accepts (classifiers)")
+                        help="onnx, onnx-int8: smallest top-1 agreement with PyTorch the check accepts (classifiers)")
     parser.add_argument("--max_difference", type=float, default=0.05,
-                        help="onnx: largest difference the check accepts, as a fraction of each output's range "
-                             "(networks without one (N, classes) output, e.g. the detector's boxes and raw heads)")
+                        help="onnx, onnx-int8: largest difference the check accepts, as a fraction of each output's "
+                             "range (networks without one (N, classes) output, e.g. the detector's boxes and raw "
+                             "heads)")
 
 
 def read(ckpt_path: Path) -> dict[str, Any]:
@@ -231,8 +233,7 @@ def _export_qdq(config, net: nn.Module, images: torch.Tensor, out: Path, check) 
     print(f"wrote {out} ({_size(report.size)}): " + (
         f"{quantized} quantized layers as QDQ ({report.layer_summary()})" if quantized else "float model"))
     if config.fold_bn:
-        print(f"BatchNorm folded into {len(report.folded)} convolutions"
-              + "".join(f"; not folded: {bn} ({why})" for bn, why in report.not_folded))
+        print(report.folding_summary())
 
 
 def _export_int8(config, net: nn.Module, images: torch.Tensor, datamodule, out: Path, check) -> None:
@@ -240,9 +241,7 @@ def _export_int8(config, net: nn.Module, images: torch.Tensor, datamodule, out: 
 
     calibration = training_images(datamodule, config.calibration_images) if config.new_points else images[:2]
     report = export_onnx_int8(net, images[:2], calibration, out, new_points=config.new_points, check=check)
-    not_folded = "".join(f"; not folded: {bn} ({why})" for bn, why in report.not_folded)
-    print(f"wrote {out} ({_size(report.size)}): {report.route_summary()}; BatchNorm folded into "
-          f"{len(report.folded)} convolutions{not_folded}")
+    print(f"wrote {out} ({_size(report.size)}): {report.route_summary()}; {report.folding_summary()}")
     print("per layer:")
     for route in report.routes:
         print(f"  {route.describe()}")

@@ -2,19 +2,11 @@
 
 Every quantizer qreg trains produces levels `integer * scale` (zero point 0) on a grid of evenly spaced
 integers, which is what ONNX's QuantizeLinear / DequantizeLinear compute and what the packed format stores.
-Each quantizer states its own grid (`Quantizer.integer_grid`, e.g.):
-
-| quantizer | scale | integers | storage |
-|---|---|---|---|
-| LSQ weights | the learned step (per tensor or per channel) | [-2^(b-1), 2^(b-1)-1] | int8 |
-| LSQ activations | the learned step | [0, 2^b-1], or [-2^(b-1), 2^(b-1)-1] with act_signed | uint8 / int8 |
-| PACT activations | alpha / (2^b-1) | [0, 2^b-1] | uint8 |
-| DoReFa weights | 1/(2^b-1), times max|w| with rescale (last layer) | odd in [-(2^b-1), 2^b-1] | int8 (int16: 8 bits) |
-
-so nothing here knows a quantizer class. At 8 bits DoReFa's odd integers reach +-255, outside int8, so they are
-stored as int16 (ONNX opset 21). The integers of a trained layer are read off its quantizer's own output
-(`round(Q(w) / scale)`), so the grids can never drift from what training computed; a weight that does not land
-on its grid is a bug and stops the export.
+Each quantizer states its own grid (`Quantizer.integer_grid`: scale, integer range, stride, axis), so nothing
+here knows a quantizer class; `IntegerGrid.storage` picks the ONNX integer type that holds it (int16 for
+DoReFa's odd integers at 8 bits, which reach +-255). The integers of a trained layer are read off its
+quantizer's own output (`round(Q(w) / scale)`), so the grids can never drift from what training computed; a
+weight that does not land on its grid is a bug and stops the export.
 """
 
 from __future__ import annotations
@@ -25,7 +17,7 @@ from torch import nn
 from deploy.errors import ExportError
 from quantizers import IntegerGrid, NoIntegerGrid, Quantizer
 
-__all__ = ["IntegerGrid", "activation_grid", "weight_grid", "weight_integers"]
+__all__ = ["activation_grid", "weight_grid", "weight_integers"]
 
 
 def _grid(quantizer: nn.Module, role: str, name: str, weight: torch.Tensor | None = None) -> IntegerGrid | None:

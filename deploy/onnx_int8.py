@@ -15,10 +15,10 @@ Where its output goes decides the output's grid, one of two *routes*:
   are the levels the trained model computes; only float rounding near a level boundary (and the shift rounded
   to the accumulator's int32 step) separates them.
 - **new 8-bit point**: the output also enters something in float (a residual addition, pooling, a graph
-  output). The QLinearConv writes int8 (or uint8, when a ReLU follows and is taken into it) at a scale
-  calibrated on training images (the largest |value| the exact graph computes there / 127, or / 255), and a
-  DequantizeLinear hands the float on as before. This is a rounding the trained model does not have; its cost
-  in agreement is what the export's check measures.
+  output). The QLinearConv writes 256 levels spanning the range the exact graph computes on training images
+  (asymmetric: scale (max - min) / 255 with a zero point; the range always holds 0, and starts at 0 where a
+  ReLU is taken in), and a DequantizeLinear hands the float on as before. This is a rounding the trained model
+  does not have; its cost in agreement is what the export's check measures.
 
 What stays as in the QDQ graph, and why, is reported per layer: a layer whose input is not quantized (the first
 layer reads the float image), weights that need int16 (DoReFa at 8 bits), and Linear layers (a 64 x 10 Gemm
@@ -36,11 +36,9 @@ import torch
 from onnx import ModelProto, TensorProto, helper
 from torch import nn
 
-from deploy.bn_fold import fold_batch_norms
 from deploy.errors import ExportError
 from deploy.onnx_graph import GraphIndex, drop_dead_nodes, replace_nodes, sort_topologically
-from deploy.onnx_qdq import deploy_network, onnx_bytes, strip_trace_metadata
-from deploy.output import write_file
+from deploy.onnx_qdq import INPUT_NAME, OnnxExport, qdq_model, write_model
 from deploy.requantize import exact_bias
 
 REQUANTIZED, NEW_POINT, KEPT = "requantized", "new 8-bit point", "kept as QDQ"
@@ -61,13 +59,10 @@ class LayerRoute:
 
 
 @dataclass
-class Int8Export:
-    path: Path
-    size: int
-    routes: list[LayerRoute]
-    outputs: list[str]
-    folded: list[str] = field(default_factory=list)
-    not_folded: list[tuple[str, str]] = field(default_factory=list)
+class Int8Export(OnnxExport):
+    """The QDQ export's report, and each quantized layer's route."""
+
+    routes: list[LayerRoute] = field(default_factory=list)
 
     def route_summary(self) -> str:
         """e.g. '10 requantized, 11 new 8-bit point, 2 kept as QDQ'."""
@@ -194,9 +189,8 @@ def _shift(graph: GraphIndex, plan: _Plan, channels: int) -> np.ndarray:
 
 def calibrate(model: ModelProto, values: list[str], images: torch.Tensor,
               batch_size: int = 256) -> dict[str, tuple[float, float]]:
-    """The smallest and largest value of each named tensor of `model` (the exact QDQ graph) over `images`, in
-    ONNX Runtime."""
-    from deploy.onnx_qdq import INPUT_NAME
+    """The range of each named tensor of `model` (the exact QDQ graph) over `images`, in ONNX Runtime, widened to
+    hold 0 (a grid with a zero point represents 0 exactly)."""
     from deploy.verify import session
 
     if not values:
@@ -384,13 +378,7 @@ def export_onnx_int8(net: nn.Module, example: torch.Tensor, calibration: torch.T
     """Write `net` (fake-quant) as ONNX whose quantized convolutions are QLinearConv; `example` is one input batch,
     `calibration` the training images that set the scales of the new 8-bit points. `check` runs on the written
     file before it takes its name (see `deploy.output.write_file`)."""
-    import onnx
-
-    deployed, _ = deploy_network(net)
-    data, names = onnx_bytes(deployed, example)
-    model = onnx.load_from_string(data)
-    strip_trace_metadata(model)
-    folded, not_folded = fold_batch_norms(model)
+    model, report = qdq_model(net, example, fold_bn=True)
     store_unsigned_grids_as_uint8(model)
     del model.graph.value_info[:]  # the exporter's recorded types and shapes: retyped and rewritten tensors below
     routes = _rewrite(model, calibration, new_points)
@@ -398,7 +386,5 @@ def export_onnx_int8(net: nn.Module, example: torch.Tensor, calibration: torch.T
         raise ExportError("no quantized layer has both its input and its weights on 8-bit integer grids, so "
                           "--format onnx-int8 has nothing to run in integer kernels (weights-only methods such as "
                           "dorefa quantize no activations); use --format onnx")
-    onnx.checker.check_model(model)
-    data = model.SerializeToString()
-    write_file(Path(path), data, check)
-    return Int8Export(Path(path), len(data), routes, names, folded, not_folded)
+    size = write_model(model, Path(path), check)
+    return Int8Export(**{**vars(report), "path": Path(path), "size": size}, routes=routes)

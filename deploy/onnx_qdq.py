@@ -19,7 +19,7 @@ import copy
 import logging
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -59,6 +59,11 @@ class OnnxExport:
     outputs: list[str]
     folded: list[str] = field(default_factory=list)
     not_folded: list[tuple[str, str]] = field(default_factory=list)
+
+    def folding_summary(self) -> str:
+        """e.g. 'BatchNorm folded into 21 convolutions; not folded: bn1 (its input is not a Conv)'."""
+        return (f"BatchNorm folded into {len(self.folded)} convolutions"
+                + "".join(f"; not folded: {bn} ({why})" for bn, why in self.not_folded))
 
     def layer_summary(self) -> str:
         """e.g. '19 x W4A4, 1 x W8, 1 x W8A8' in network order of first appearance."""
@@ -193,6 +198,12 @@ def export_onnx(net: nn.Module, example: torch.Tensor, path: str | Path, fold_bn
 
     `check` runs on the written file before it takes its name (see `deploy.output.write_file`).
     """
+    model, report = qdq_model(net, example, fold_bn)
+    return replace(report, path=Path(path), size=write_model(model, Path(path), check))
+
+
+def qdq_model(net: nn.Module, example: torch.Tensor, fold_bn: bool):
+    """The QDQ graph of `net` in memory, and its report (path and size filled in when it is written)."""
     import onnx
 
     deployed, layers = deploy_network(net)
@@ -200,7 +211,15 @@ def export_onnx(net: nn.Module, example: torch.Tensor, path: str | Path, fold_bn
     model = onnx.load_from_string(data)
     strip_trace_metadata(model)
     folded, not_folded = fold_batch_norms(model) if fold_bn else ([], [])
+    return model, OnnxExport(Path(), 0, layers, names, folded, not_folded)
+
+
+def write_model(model, path: Path, check: Callable[[Path], None] | None) -> int:
+    """Check `model` against the ONNX spec, write it (`check` runs on the file before it takes its name);
+    returns its size in bytes."""
+    import onnx
+
     onnx.checker.check_model(model)
     data = model.SerializeToString()
-    write_file(Path(path), data, check)
-    return OnnxExport(Path(path), len(data), layers, names, folded, not_folded)
+    write_file(path, data, check)
+    return len(data)

@@ -32,7 +32,7 @@ from torch import nn
 from deploy.errors import ExportError
 from deploy.grids import weight_grid, weight_integers
 from deploy.output import write_file
-from quantizers import NoIntegerGrid, Quantizer, QuantSpec, applied_spec, quantize_model, quantized_layers
+from quantizers import IntegerGrid, NoIntegerGrid, Quantizer, QuantSpec, applied_spec, quantize_model, quantized_layers
 
 FORMAT = "qreg-packed-1"
 CODES = "codes"  # `<layer>.weight.codes`; any other `<layer>.weight.<name>` of a packed layer is a packing fact
@@ -137,8 +137,7 @@ def _packed_entries_of(name: str, tensors: dict[str, np.ndarray]) -> dict[str, n
 
 def _rebuilt_weight(layer: nn.Module, meta: dict, entries: dict[str, np.ndarray], name: str) -> torch.Tensor:
     codes = unpack_codes(entries[CODES], meta["bits"], int(np.prod(meta["shape"])))
-    integers = torch.from_numpy(codes.astype(np.int32)) * meta["stride"] + meta["low"]
-    integers = integers.view(meta["shape"])
+    integers = IntegerGrid.integers(torch.from_numpy(codes), meta["low"], meta["stride"]).view(meta["shape"])
     quantizer = layer.weight_quantizer
     if not isinstance(quantizer, Quantizer):
         raise ExportError(f"{name}: cannot rebuild weights for quantizer {type(quantizer).__name__}")

@@ -22,7 +22,7 @@ from lightning_modules.rng import RNG_KEY, restore_rng_states, rng_states
 from lightning_modules.task import TaskModule
 from quantizers import parameter_groups
 from quantizers.compiling import compile_after_initialization
-from records.measures import corruption_means
+from records.measures import CHANCE_METRIC, IMAGES_METRIC, corruption_means
 from records.splits import CLEAN
 
 
@@ -127,7 +127,8 @@ class ClassificationModule(TaskModule):
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
 
     def on_test_epoch_start(self) -> None:
-        n = len(test_split_names(self.trainer))
+        names = test_split_names(self.trainer)
+        n = len(names)
         num_classes = self.hparams.num_classes
         # No per-batch input validation or NaN check (each a host sync on CUDA): a NaN loss stays in the mean.
         self.test_acc = nn.ModuleList(
@@ -136,16 +137,18 @@ class ClassificationModule(TaskModule):
         self.test_acc.to(self.device)
         self.test_loss.to(self.device)
         self._correct: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        # Images per class of each split, on the device (index_add_, no host sync): the chance level a classifier
-        # that ignores its input reaches is the largest class's share.
-        self._label_counts = torch.zeros(n, num_classes, dtype=torch.int64, device=self.device)
+        # Images per class of the clean split, on the device (index_add_, no host sync): the chance level a
+        # classifier that ignores its input reaches is the largest class's share.
+        self._clean_index = names.index(CLEAN) if CLEAN in names else None
+        self._label_counts = torch.zeros(num_classes, dtype=torch.int64, device=self.device)
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
         logits = self(images)
         self.test_acc[dataloader_idx].update(logits, labels)
         self.test_loss[dataloader_idx].update(F.cross_entropy(logits, labels, reduction="none"))
-        self._label_counts[dataloader_idx].index_add_(0, labels, torch.ones_like(labels))
+        if dataloader_idx == self._clean_index:
+            self._label_counts.index_add_(0, labels, torch.ones_like(labels))
         # Per-image correctness, for the report's paired bootstrap, kept on the device until the split ends.
         # Under DDP the sampler pads and interleaves the images, so the order is only kept on one process.
         if self.trainer.world_size == 1:
@@ -157,14 +160,14 @@ class ClassificationModule(TaskModule):
             name: torch.cat(chunks).cpu().numpy() for name, chunks in zip(names, self._correct, strict=True) if chunks
         }
         self.test_results = {}
-        counts = self.trainer.strategy.reduce(self._label_counts, reduce_op="sum")  # every rank's images
+        counts = self.trainer.strategy.reduce(self._label_counts, reduce_op="sum")  # every rank's clean images
         for index, (name, acc, loss) in enumerate(zip(names, self.test_acc, self.test_loss, strict=True)):
             # Accuracy in percent, the unit of the paper's tables and of its Eq. 5.
             self.test_results[name] = {"accuracy": 100.0 * acc.compute().item(), "loss": loss.compute().item()}
-            if name == CLEAN:
-                images = int(counts[index].sum())
-                self.test_results[name].update(images=float(images),
-                                               chance=100.0 * int(counts[index].max()) / max(images, 1))
+            if index == self._clean_index:
+                images = int(counts.sum())
+                self.test_results[name].update({IMAGES_METRIC: float(images),
+                                                CHANCE_METRIC: 100.0 * int(counts.max()) / max(images, 1)})
             acc.reset()
             loss.reset()
         check_finite_evaluation(self, {f"test/loss/{name}": m["loss"] for name, m in self.test_results.items()}, "test")

@@ -17,12 +17,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantizers.base import Quantizer
+from quantizers.base import quantizers_in, unready_quantizers
 
 
 def quantizers_ready(net: nn.Module) -> bool:
     """No quantizer of `net` still has a first-training-batch branch to take (`Quantizer.ready`)."""
-    return all(module.ready for module in net.modules() if isinstance(module, Quantizer))
+    return not unready_quantizers(net)
 
 
 @torch.no_grad()
@@ -48,7 +48,7 @@ def prepare(net: nn.Module, inputs: torch.Tensor) -> nn.Module:
 
 
 def _buffers_outside_quantizers(net: nn.Module):
-    inside = {id(buffer) for module in net.modules() if isinstance(module, Quantizer) for buffer in module.buffers()}
+    inside = {id(buffer) for _, quantizer in quantizers_in(net) for buffer in quantizer.buffers()}
     return [(name, buffer) for name, buffer in net.named_buffers() if id(buffer) not in inside]
 
 

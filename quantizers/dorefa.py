@@ -18,7 +18,7 @@ import torch
 
 from quantizers.base import Quantizer
 from quantizers.errors import QuantSpecError
-from quantizers.grid import IntegerGrid
+from quantizers.grid import IntegerGrid, NoIntegerGrid
 from quantizers.straight_through import RoundSTE, in_float32, pass_between
 
 
@@ -69,6 +69,8 @@ class DoReFaWeightQuantizer(Quantizer):
         levels = 2**self.bits - 1
         if not self.rescale:  # levels in [-1, 1] whatever the weights' scale
             return IntegerGrid(self.bits, torch.tensor(1.0 / levels), -levels, levels, stride=2)
+        if weight is None:
+            raise NoIntegerGrid("a rescaled DoReFa weight grid is max|w| / (2^b-1): it needs the layer's weight")
         max_abs = self._max(weight.detach().float())
         return IntegerGrid(self.bits, (max_abs.reshape(-1) if self.per_channel else max_abs) / levels,
                            -levels, levels, stride=2, axis=0 if self.per_channel else None)

@@ -65,5 +65,7 @@ class IntegerGrid:
         """The integers as unsigned b-bit codes 0 .. 2^b-1 (what the packed format stores)."""
         return ((integers - self.low) // self.stride).to(torch.uint8)
 
-    def integers(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes.to(torch.int32) * self.stride + self.low
+    @staticmethod
+    def integers(codes: torch.Tensor, low: int, stride: int) -> torch.Tensor:
+        """The inverse of `codes`: the grid's integers from their b-bit codes (a packed file stores low, stride)."""
+        return codes.to(torch.int32) * stride + low

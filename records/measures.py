@@ -29,6 +29,8 @@ SCORE_METRICS = ("accuracy", "map50")
 # one level): the report keeps it out of every delta, Eq. 5 and robustness measure, as a diverged run.
 COLLAPSED_METRIC = "collapsed"
 COLLAPSED_LAYERS_METRIC = "collapsed_layers"
+CHANCE_METRIC = "chance"  # the clean test set's largest class share, percent: what a dead classifier scores
+IMAGES_METRIC = "images"  # clean test images the accuracy was measured on (the chance bound's n)
 
 
 def error_improvement(fp_acc: float, q_acc: float) -> float:

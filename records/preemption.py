@@ -15,7 +15,6 @@ import signal
 from collections.abc import Iterator
 
 PREEMPTION_SIGNAL = signal.SIGUSR1
-EXIT_PREEMPTED = 128 + int(PREEMPTION_SIGNAL)  # 138: what a cli.py command ends with after a preemption
 
 
 class _Noted:

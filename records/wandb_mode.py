@@ -21,3 +21,8 @@ def wandb_is_online() -> bool:
 def wandb_mode() -> str:
     """'online', 'offline' or 'disabled': `WANDB_MODE` if set (and not empty), else by `wandb_is_online`."""
     return os.environ.get("WANDB_MODE") or ("online" if wandb_is_online() else "offline")
+
+
+def wandb_project() -> str:
+    """The W&B project every run and report logs to: `WANDB_PROJECT`, else 'qreg'."""
+    return os.environ.get("WANDB_PROJECT", "qreg")

@@ -9,13 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from records.exits import EXIT_CELLS_FAILED
 from study.grid import MethodEntry, StudyConfig, StudyError
 from study.layout import ENTRY_POINT
 
 # The entry point's failure with its own line and exit status (app.errors.CommandFailed), given by the caller:
 # the study floor does not import the entry point's.
 Fail = Callable[[int, str], Exception]
-EXIT_CELLS_FAILED = 1  # some cells crashed; the study is resumable, so no traceback
 
 
 def study(args: list[str], parser, resolve_fit_config: Callable[[list[str]], dict[str, Any]], fail: Fail) -> None:

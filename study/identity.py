@@ -1,11 +1,11 @@
 """A study cell is what its config says: the identity of a cell is its fully resolved `cli.py fit` config.
 
-Before a study runs anything, each cell's config is resolved as its fit would parse it (`cli.resolve_fit_config`:
-a parse, no data, no model) and compared with the config the cell's folder was trained with (its `config.yaml`,
-written by the fit; else the `cell.json` the runner wrote when the cell started). Keys that do not change what a
-cell trains or tests (`callbacks.resume_changes.BOOKKEEPING`) are left out; every other key is the cell's
-identity, and its digest (sha256 of the canonical JSON, 12 hex characters) is recorded in `<cell>/cell.json`
-beside the compared config.
+Before a study runs anything, each cell's config is resolved as its fit would parse it
+(`app.lightning_cli.resolve_fit_config`: a parse, no data, no model) and compared with the config the cell's folder
+was trained with (its `config.yaml`, written by the fit; else the `cell.json` the runner wrote when the cell
+started). Keys that do not change what a cell trains or tests (`callbacks.resume_changes.BOOKKEEPING`) are left out;
+every other key is the cell's identity, and its digest (sha256 of the canonical JSON, 12 hex characters) is recorded
+in `<cell>/cell.json` beside the compared config.
 
 The study folder records the study it belongs to in `<study>/study.json`.
 """

@@ -10,7 +10,8 @@ What makes it resumable and safe to kill:
 - a diverged cell (exit status 3, a `diverged` row) is recorded and the study goes on;
 - SIGTERM, SIGINT or SIGUSR1 sent to the runner reaches the running cell (which saves its checkpoint) and
   stops the study once the cell has exited: the cell is "interrupted", not "failed", no further cell starts,
-  and the study ends with the cell's status (143 / 130) and resumes that cell on the next run;
+  and the study ends with the cell's status (143 / 130 / 138: SIGTERM, Ctrl-C, SLURM preemption) and resumes
+  that cell on the next run;
 - a cell whose `last.ckpt` cannot be loaded resumes from its newest loadable checkpoint instead
   (`best-*.ckpt`, Lightning's `hpc_ckpt_*.ckpt`), or from scratch, and says which;
 - a cell is what its config says (study/identity.py): before anything runs, each cell's config is resolved and
@@ -36,9 +37,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from records.exits import EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR
+from callbacks.checkpoint_io import checkpoint_problem, run_checkpoints
+from records.exits import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR
 from records.measures import COLLAPSED_METRIC, SCORE_METRICS
-from records.preemption import EXIT_PREEMPTED, PREEMPTION_SIGNAL, block_preemption, note_preemption
+from records.preemption import PREEMPTION_SIGNAL, block_preemption, note_preemption
 from records.splits import CLEAN
 from records.store import RESULTS_FILE, move_rows, read_rows
 from study.grid import Cell, StudyConfig, StudyError
@@ -109,23 +111,13 @@ def _start_cell() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
-def checkpoint_candidates(folder: Path) -> list[Path]:
-    """A cell's checkpoints, newest first: `last.ckpt`, Lightning's SLURM `hpc_ckpt_*.ckpt`, `best-*.ckpt`."""
-    checkpoints = folder / "checkpoints"
-    candidates = [checkpoints / "last.ckpt", *folder.glob("hpc_ckpt_*.ckpt"), *checkpoints.glob("best-*.ckpt")]
-    existing = [p for p in candidates if p.is_file()]
-    return sorted(existing, key=lambda p: p.stat().st_mtime, reverse=True)
-
-
 def resume_checkpoint(folder: Path) -> tuple[Path | None, str]:
     """The checkpoint a cell resumes from: the newest that loads as a qreg checkpoint, and a note saying so
     when that is not the newest file (a damaged `last.ckpt`, e.g. a node crash mid-write), or when none loads
     and the cell restarts from scratch. A damaged file is renamed `<name>.damaged` (kept for inspection, and
     never resumed from or evaluated by mistake again)."""
-    from callbacks.checkpoint_io import checkpoint_problem
-
     damaged: list[str] = []
-    for path in checkpoint_candidates(folder):
+    for path in run_checkpoints(folder):
         problem = checkpoint_problem(path)
         if problem is None:
             note = f"{', '.join(damaged)} did not load; resuming from {path.name}" if damaged else ""
@@ -146,7 +138,8 @@ def signal_status(number: int) -> int:
 
 class SignalForwarder:
     """While active, SIGTERM/SIGINT/SIGUSR1 sent to the runner are recorded and passed to the running cell
-    (Lightning saves `last.ckpt`, and under SLURM requeues on SIGUSR1); the runner itself keeps going until
+    (it saves `last.ckpt`; under SLURM the runner's own process requeues the job, app/preemption.py); the runner
+    itself keeps going until
     the cell has exited, then stops the study."""
 
     def __init__(self) -> None:
@@ -229,7 +222,7 @@ def _tee(source, fd: int, sink, lock: threading.Lock) -> None:
 
 class StudyRunner:
     """`resolve(fit arguments) -> config`: the config a cell's `cli.py fit` would run with, parsed, nothing built
-    (default `cli.resolve_fit_config`; `cli.py study` passes its own)."""
+    (`app.lightning_cli.resolve_fit_config`, which `cli.py study` passes)."""
 
     def __init__(self, study: StudyConfig, study_file: Path | None = None,
                  resolve: Callable[[list[str]], dict] | None = None) -> None:
@@ -282,7 +275,8 @@ class StudyRunner:
 
     def identity(self, cell: Cell) -> dict:
         """The cell's compared config now: its `cli.py fit` arguments parsed (nothing instantiated)."""
-        if self.resolve is None:  # the resolver is the entry point's (cli.resolve_fit_config): a study never imports it
+        # the resolver is the entry point's (app.lightning_cli.resolve_fit_config): never imported here
+        if self.resolve is None:
             raise StudyError("this study runner was built without a config resolver; it cannot check its cells")
         return compared_config(self.resolve(self.command(cell)[3:]))
 
@@ -318,7 +312,7 @@ class StudyRunner:
             folder = self.cell_directory(cell)
             if not folder.is_dir():
                 continue
-            work = cell_status(rows, cell) or (RESUMABLE if checkpoint_candidates(folder) else None)
+            work = cell_status(rows, cell) or (RESUMABLE if run_checkpoints(folder) else None)
             if work is not None and recorded_config(folder)[0] is None:
                 print(f"=== cell {cell.name} ({work}): its folder records no config (config.yaml, cell.json) to "
                       "check against the study's; kept as it is", flush=True)

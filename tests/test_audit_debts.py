@@ -118,7 +118,7 @@ def test_pyproject_packages_every_top_level_package():
 
 BOOTSTRAP = """
 import json, runpy, sys
-site = sys.argv[1]
+site, names = sys.argv[1], json.loads(sys.argv[2])
 # only the installed wheel: not the editable install's finder (it maps names to the source checkout) nor the cwd
 sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
 sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, "__module__", "").startswith("__editable__")]
@@ -131,8 +131,6 @@ except SystemExit as done:
     code = done.code
 import importlib
 import importlib.util
-names = ["user_errors", "quantizers", "records", "datamodules", "lightning_modules", "callbacks", "study", "deploy",
-         "app"]
 found = {n: importlib.import_module(n).__file__ for n in names}  # a namespace package (no __init__.py) gives None
 found["cli"] = importlib.util.find_spec("cli").origin  # it ran as __main__
 print("MODULES " + json.dumps(found))
@@ -161,7 +159,8 @@ def test_a_non_editable_install_runs_cli_help(tmp_path):
                    check=True, capture_output=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    done = subprocess.run([sys.executable, "-I", "-c", BOOTSTRAP, str(site)], cwd=elsewhere, env=env,
+    ours = [*top_level_packages(), *(m for m in modules if m != "cli")]  # every package and module of ours
+    done = subprocess.run([sys.executable, "-I", "-c", BOOTSTRAP, str(site), json.dumps(ours)], cwd=elsewhere, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert "usage:" in done.stdout and "fit" in done.stdout

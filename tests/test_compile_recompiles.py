@@ -15,15 +15,21 @@ import torch
 from conftest import run_cli
 
 
+def _counting_backend(graphs: list):
+    """A dynamo backend that runs each graph as traced and appends it to `graphs`: one entry per compilation."""
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    return backend
+
+
 # PACT's traceable path in the slow tier (35 s each): one compiled method keeps the count in the fast suite.
 @pytest.mark.parametrize("method", ["lsq", pytest.param("pact_dorefa", marks=pytest.mark.slow)])
 def test_compiled_fit_compiles_one_training_graph_and_at_most_one_recompile(method, digits_fast_args,
                                                                              monkeypatch):
-    graphs = []
-
-    def counting_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
+    graphs: list = []
+    counting_backend = _counting_backend(graphs)
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -45,11 +51,8 @@ def test_a_restored_pact_network_evaluates_compiled_without_a_training_batch():
     from quantizers import QuantSpec, quantize_model
     from quantizers.compiling import compile_after_initialization
 
-    graphs = []
-
-    def counting_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
+    graphs: list = []
+    counting_backend = _counting_backend(graphs)
 
     spec = QuantSpec(method="pact_dorefa", weight_bits=4)
     trained = quantize_model(build_model("resnet20", 10), spec)
@@ -62,14 +65,6 @@ def test_a_restored_pact_network_evaluates_compiled_without_a_training_batch():
         net(torch.rand(4, 3, 32, 32))
     torch._dynamo.reset()
     assert len(graphs) == 1, "evaluation of a restored PACT network ran eagerly"
-
-
-def _counting_backend(graphs: list):
-    def backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    return backend
 
 
 def _lsq_resnet20():
@@ -91,6 +86,18 @@ def test_prepare_initialises_the_quantizers_as_the_first_training_step_would_and
     assert prepare(prepared, images) is prepared
     assert not unready_quantizers(prepared) and not prepared.training  # ready, and its mode given back
     assert torch.equal(torch.get_rng_state(), rng)
+    # a network that draws random numbers in training mode (the matched-noise control resamples every step):
+    # prepare's pass leaves the generator where it was
+    from lightning_modules.models import build_model
+    from quantizers import QuantSpec, quantize_model
+
+    noisy = quantize_model(build_model("resnet20", 10), QuantSpec(method="noise", weight_bits=4))
+    rng = torch.get_rng_state()
+    prepare(noisy, images)
+    assert torch.equal(torch.get_rng_state(), rng)
+    noisy.train()
+    noisy(images)
+    assert not torch.equal(torch.get_rng_state(), rng)  # which it does move when not prepared
     stepped.train()
     stepped(images)  # what the first training step's forward does
     after, theirs = prepared.state_dict(), stepped.state_dict()

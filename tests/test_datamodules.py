@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -108,7 +110,7 @@ def fake_trainer(completed: int, restarting: bool = True, world_size: int = 1, l
 
     progress = SimpleNamespace(current=SimpleNamespace(completed=completed))
     fit_loop = SimpleNamespace(restarting=restarting, epoch_loop=SimpleNamespace(batch_progress=progress))
-    return SimpleNamespace(fit_loop=fit_loop, world_size=world_size, limit_train_batches=limit)
+    return SimpleNamespace(fit_loop=fit_loop, world_size=world_size, limit_train_batches=limit, current_epoch=0)
 
 
 @pytest.mark.parametrize(
@@ -128,3 +130,12 @@ def test_resumable_sampler_skips_only_the_batches_a_mid_epoch_checkpoint_trained
     full = list(EpochShuffleSampler(105, seed=run_seed()))  # the seed seed_everything left, if any
     assert list(sampler) == full[skipped:]
     assert list(sampler) == full  # the skip applies to the resumed epoch only
+
+
+def test_a_mid_epoch_resume_under_ddp_says_its_epoch_restarts_and_an_exact_one_says_nothing():
+    with pytest.warns(UserWarning, match="resuming mid-epoch under DDP: epoch 0's data starts again"):
+        resumable_train_sampler(fake_trainer(2, world_size=2), 210, 10, drop_last=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumable_train_sampler(fake_trainer(3), 105, 10, drop_last=True)  # exact on one process: no warning
+        resumable_train_sampler(fake_trainer(10, world_size=2), 210, 10, drop_last=True)  # its epoch had ended

@@ -111,3 +111,17 @@ def test_no_test_module_imports_another():
         if tests_imported:
             wrong[path.name] = tests_imported
     assert not wrong, f"test modules importing other test modules: {wrong}"
+
+
+def test_the_unit_tier_guard_refuses_a_process_and_a_fit():
+    """This module is in the unit tier: the conftest guard is active here, and must refuse both."""
+    import subprocess
+
+    from lightning.pytorch import Trainer
+
+    from conftest import UnitTierViolation
+
+    with pytest.raises(UnitTierViolation, match="start a process"):
+        subprocess.run(["true"], check=False)
+    with pytest.raises(UnitTierViolation, match="fit through Lightning"):
+        Trainer.fit(None, None)

@@ -175,7 +175,9 @@ def assert_bitwise_equal(a: Path, b: Path) -> None:
 
 
 def cell_outputs(runs, study: str) -> list[Path]:
-    return sorted((runs["root"] / study / "slurm").glob("cell-*.out"))
+    found = sorted((runs["root"] / study / "slurm").glob("cell-*.out"))
+    assert len(found) == 2, found  # one SLURM log per cell of the 2-cell study: a check over none would pass
+    return found
 
 
 def test_a_study_runs_through_submit_sh_to_its_report(runs):
@@ -237,7 +239,9 @@ def all_logs(runs) -> dict[str, str]:
     root = runs["root"]
     paths = [root / "fit.out", root / "ddp.out", *cell_outputs(runs, "preempted"), *cell_outputs(runs, "reference"),
              *(root / "preempted" / "cells").glob("*/cell.log")]
-    return {str(p): output(p) for p in paths}
+    logs = {str(p): output(p) for p in paths}
+    assert all(logs.values()), [p for p, text in logs.items() if not text]  # every log there, and written to
+    return logs
 
 
 def test_requeues_end_the_wandb_run_cleanly_and_resume_its_id(runs):
@@ -254,8 +258,11 @@ def test_requeues_end_the_wandb_run_cleanly_and_resume_its_id(runs):
 
 def test_mid_epoch_resumes_do_not_warn_about_the_dataloader(runs):
     """Fault 6: Lightning warned 'not resumable' on every mid-epoch resume, though the resume is exact."""
-    for path, text in all_logs(runs).items():
+    logs = all_logs(runs)
+    for path, text in logs.items():
         assert "not resumable" not in text and "not fully resumable" not in text, (path, text[-2000:])
+    # Under DDP the epoch's data does restart on a mid-epoch resume: qreg says so instead of Lightning
+    assert "resuming mid-epoch under DDP" in logs[str(runs["root"] / "ddp.out")]
 
 
 def validation_loss(checkpoint: Path) -> float:

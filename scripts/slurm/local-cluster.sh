@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A one-node SLURM cluster in a folder, for the tests (tests/slurm/) and for trying qreg's SLURM path by hand.
+# A one-node SLURM cluster in a folder, for the tests (tests/test_slurm_cluster.py) and for trying qreg's SLURM path by hand.
 #
 #   eval "$(scripts/slurm/local-cluster.sh up /tmp/qreg-slurm)"   # prints: export SLURM_CONF=...
 #   sbatch ...; squeue; sinfo

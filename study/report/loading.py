@@ -13,7 +13,14 @@ import numpy as np
 
 from quantizers import FLOAT_BITS, precision_label
 from quantizers.methods import FP32
-from records.measures import COLLAPSED_LAYERS_METRIC, COLLAPSED_METRIC, SCORE_METRICS, mean_corrupted
+from records.measures import (
+    CHANCE_METRIC,
+    COLLAPSED_LAYERS_METRIC,
+    COLLAPSED_METRIC,
+    IMAGES_METRIC,
+    SCORE_METRICS,
+    mean_corrupted,
+)
 from records.run_files import (
     METRICS_FILE,
     PREDICTIONS_FILE,
@@ -140,9 +147,9 @@ def load_cells(study_dir: Path) -> tuple[list[CellResult], str | None]:
             cell.collapsed = True
         elif metric == COLLAPSED_LAYERS_METRIC:
             cell.collapsed_layers = int(value)
-        elif metric == "chance" and split == CLEAN:
+        elif metric == CHANCE_METRIC and split == CLEAN:
             cell.chance = value
-        elif metric == "images" and split == CLEAN:
+        elif metric == IMAGES_METRIC and split == CLEAN:
             cell.images = int(value)
         elif metric.startswith("theorem_"):
             cell.theorem.setdefault(row["weight_bits"], {})[metric] = value

@@ -3,11 +3,10 @@ as training (records.wandb_mode). A W&B failure never fails the report."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from records.wandb_mode import wandb_mode
+from records.wandb_mode import wandb_mode, wandb_project
 
 
 def log_report(study_dir: Path, study_name: str, header: list[str], table1: list[list[Any]],
@@ -18,7 +17,7 @@ def log_report(study_dir: Path, study_name: str, header: list[str], table1: list
         mode = wandb_mode()
         if mode == "disabled":
             return
-        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "qreg"), group=study_name, job_type="report",
+        run = wandb.init(project=wandb_project(), group=study_name, job_type="report",
                          name=f"{study_name}-report", dir=str(study_dir), mode=mode, reinit="finish_previous")
         run.log({"table1": wandb.Table(columns=header, data=[[str(x) for x in row] for row in table1]),
                  **{name: wandb.Image(str(path)) for name, path in images.items()}})
