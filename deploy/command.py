@@ -56,8 +56,9 @@ def add_export_arguments(parser) -> None:
                         help="onnx: fold BatchNorm into the convolutions' scales where the levels stay exact")
     parser.add_argument("--new_points", type=bool, default=True,
                         help="onnx-int8: also run the convolutions whose output enters float arithmetic (residual "
-                             "additions, pooling) as QLinearConv, at a new 8-bit rounding point calibrated on "
-                             "training images; false keeps them DequantizeLinear + float Conv")
+                             "additions, pooling) as QLinearConv, and the residual additions as QLinearAdd, at new "
+                             "8-bit rounding points calibrated on training images; false keeps them "
+                             "DequantizeLinear + float Conv / Add")
     parser.add_argument("--calibration_images", type=int, default=1000,
                         help="onnx-int8: training images that set the scales of the new 8-bit points (at most)")
     parser.add_argument("--verify", type=bool, default=True,

@@ -20,6 +20,10 @@ Where its output goes decides the output's grid, one of two *routes*:
   ReLU is taken in), and a DequantizeLinear hands the float on as before. This is a rounding the trained model
   does not have; its cost in agreement is what the export's check measures.
 
+With new points, the residual additions those outputs enter run in integers too (`deploy.integer_residual`:
+QLinearAdd writes the next quantizer's integers, and the shortcut is carried as a new 8-bit point), so a
+block stays in ONNX Runtime's channels-last integer layout from one convolution to the next.
+
 What stays as in the QDQ graph, and why, is reported per layer: a layer whose input is not quantized (the first
 layer reads the float image), weights that need int16 (DoReFa at 8 bits), and Linear layers (a 64 x 10 Gemm
 costs nothing next to the convolutions, and QLinearMatMul would round the logits to 8 bits).
@@ -37,11 +41,13 @@ from onnx import ModelProto, TensorProto, helper
 from torch import nn
 
 from deploy.errors import ExportError
+from deploy.integer_residual import integer_residuals
+from deploy.new_points import calibrate, new_point_grid
 from deploy.onnx_graph import GraphIndex, drop_dead_nodes, replace_nodes, sort_topologically
-from deploy.onnx_qdq import INPUT_NAME, OnnxExport, qdq_model, write_model
+from deploy.onnx_qdq import OnnxExport, qdq_model, write_model
 from deploy.requantize import exact_bias
 
-REQUANTIZED, NEW_POINT, KEPT = "requantized", "new 8-bit point", "kept as QDQ"
+REQUANTIZED, NEW_POINT, INTEGER_ADD, KEPT = "requantized", "new 8-bit point", "integer residual", "kept as QDQ"
 _EIGHT_BIT = {TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
 _INT32 = np.iinfo(np.int32)
 
@@ -66,7 +72,8 @@ class Int8Export(OnnxExport):
 
     def route_summary(self) -> str:
         """e.g. '10 requantized, 11 new 8-bit point, 2 kept as QDQ'."""
-        counts = {route: sum(1 for r in self.routes if r.route == route) for route in (REQUANTIZED, NEW_POINT, KEPT)}
+        counts = {route: sum(1 for r in self.routes if r.route == route)
+                  for route in (REQUANTIZED, NEW_POINT, INTEGER_ADD, KEPT)}
         return ", ".join(f"{n} {route}" for route, n in counts.items() if n)
 
 
@@ -185,39 +192,6 @@ def _shift(graph: GraphIndex, plan: _Plan, channels: int) -> np.ndarray:
     if plan.bias_add is not None:
         shift += graph.constant(plan.bias_add.input[1]).astype(np.float64).reshape(channels)
     return shift
-
-
-def calibrate(model: ModelProto, values: list[str], images: torch.Tensor,
-              batch_size: int = 256) -> dict[str, tuple[float, float]]:
-    """The range of each named tensor of `model` (the exact QDQ graph) over `images`, in ONNX Runtime, widened to
-    hold 0 (a grid with a zero point represents 0 exactly)."""
-    from deploy.verify import session
-
-    if not values:
-        return {}
-    probe = ModelProto()
-    probe.CopyFrom(model)
-    for name in values:
-        probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    runtime = session(probe.SerializeToString())
-    ranges = dict.fromkeys(values, (0.0, 0.0))
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].float().contiguous().numpy()
-        outputs = runtime.run(values, {INPUT_NAME: batch})
-        for name, output in zip(values, outputs, strict=True):
-            low, high = ranges[name]
-            ranges[name] = min(low, float(output.min())), max(high, float(output.max()))
-    return ranges
-
-
-def _new_point_grid(low: float, high: float, dtype) -> tuple[np.float32, int]:
-    """Scale and zero point of 256 levels spanning [low, high] (which holds 0) in `dtype` (uint8 or int8).
-
-    Asymmetric, so a skewed range gets the finest step it can; from 0 where a ReLU is taken in (low = 0: the
-    saturation below the zero point is the ReLU)."""
-    step = (high - low) / 255 if high > low else 1.0
-    zero_point = int(np.clip(round(-low / step), 0, 255)) + int(np.iinfo(dtype).min)
-    return np.float32(step), zero_point
 
 
 def _spread(integers: np.ndarray, per_channel: bool) -> np.ndarray:
@@ -347,7 +321,7 @@ def _rewrite(model: ModelProto, calibration: torch.Tensor, new_points: bool) -> 
             dtype = _EIGHT_BIT[plan.storage]
             low, high = ranges[plan.value]
             low = 0.0 if plan.relu is not None else low
-            step, offset = _new_point_grid(low, high, dtype)
+            step, offset = new_point_grid(low, high, dtype)
             scale = graph.add_initializer(f"{plan.name}.output_scale", np.array(step, dtype=np.float32))
             zero_point = graph.add_initializer(f"{plan.name}.output_zero_point", np.array(offset, dtype=dtype))
             output = f"{plan.name}.output_integers"
@@ -382,6 +356,9 @@ def export_onnx_int8(net: nn.Module, example: torch.Tensor, calibration: torch.T
     store_unsigned_grids_as_uint8(model)
     del model.graph.value_info[:]  # the exporter's recorded types and shapes: retyped and rewritten tensors below
     routes = _rewrite(model, calibration, new_points)
+    if new_points:
+        routes += [LayerRoute(f"{block} residual add", INTEGER_ADD, detail)
+                   for block, detail in integer_residuals(model, calibration)]
     if not any(route.route != KEPT for route in routes):
         raise ExportError("no quantized layer has both its input and its weights on 8-bit integer grids, so "
                           "--format onnx-int8 has nothing to run in integer kernels (weights-only methods such as "
