@@ -1,11 +1,12 @@
-"""ONNX Runtime CPU speed of an exported ResNet20: FP32, its exact QDQ export and its onnx-int8 export (QLinearConv),
-and file sizes by bits.
+"""ONNX Runtime CPU speed of an exported ResNet20 and YOLOv5n: FP32, the exact QDQ export and the onnx-int8 export
+(QLinearConv and the integer ops between), and file sizes by bits.
 
-    python benchmarks/export.py                  # batch 1 and 128, threads = cores
-    python benchmarks/export.py --threads 1 --rounds 5
+    python benchmarks/export.py                  # batch 1 and 128, threads = cores; YOLOv5n at 640 px
+    python benchmarks/export.py --threads 1 --rounds 5 --yolo_size 0
 
-Models are built, not trained: ResNet20 with 10 classes, quantized with LSQ (activation steps set by one
-training-mode pass over random images), which is all speed and size depend on. Each model is exported as
+Models are built, not trained: ResNet20 with 10 classes and YOLOv5n with 20, quantized with LSQ (activation
+steps set by one training-mode pass over random images; the new 8-bit points of onnx-int8 calibrated on random
+images too), which is all speed and size depend on. Each model is exported as
 `cli.py export` does, once with BatchNorm as trained and once folded (`--fold_bn true`). The sessions are
 timed interleaved round by round, so drift in the machine's speed hits all of them alike; figures are the
 medians over rounds. Latency is one batch's wall time; throughput is images per second at that batch. The
@@ -34,6 +35,7 @@ from deploy.onnx_qdq import INPUT_NAME, export_onnx  # noqa: E402
 from deploy.packed import save_packed  # noqa: E402
 from deploy.verify import runtime_kernels, session  # noqa: E402
 from lightning_modules.models import build_model  # noqa: E402
+from lightning_modules.yolo.model import build_yolo  # noqa: E402
 from quantizers import QuantSpec, quantize_model  # noqa: E402
 
 
@@ -42,6 +44,18 @@ def network(spec: QuantSpec) -> torch.nn.Module:
     net = quantize_model(build_model("resnet20", 10), spec).train()
     with torch.no_grad():
         net(torch.randn(128, 3, 32, 32))  # activation steps and BatchNorm statistics
+    return net.eval()
+
+
+def yolo_network(spec: QuantSpec, size: int) -> torch.nn.Module:
+    """The anchor-based YOLOv5n (20 classes, as on VOC) under the YOLO quantization policy of
+    configs/quant/yolo_lsq8.yaml (signed activations, the head's output convs at 8 bits)."""
+    torch.manual_seed(0)
+    net = build_yolo("yolov5n", 20)
+    if spec.method != "fp32":
+        quantize_model(net, spec)
+    with torch.no_grad():
+        net.train()(torch.rand(2, 3, size, size))  # activation steps and BatchNorm statistics
     return net.eval()
 
 
@@ -83,6 +97,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=1.0, help="timed runs per round: about this long")
+    parser.add_argument("--yolo_size", type=int, default=640,
+                        help="also time the anchor YOLOv5n at this input size, batch 1 (0: skip it)")
     parser.add_argument("--profile", action="store_true",
                         help="also print ONNX Runtime's time per operator type at the largest batch")
     args = parser.parse_args()
@@ -142,6 +158,9 @@ def main() -> None:
             listed = ", ".join(f"{op} {ms:.1f}" for op, ms in times.items() if ms >= 0.05)
             print(f"- {label} ({sum(times.values()):.1f} ms in kernels): {listed}")
 
+    if args.yolo_size:
+        yolo(args, scratch)
+
     print("\nfile sizes (ResNet20, 10 classes; first and last layer at 8 bits):\n")
     fp32_path = models["FP32"]
     print("| bits | ONNX QDQ | packed integers (--format int) | FP32 ONNX |")
@@ -152,6 +171,46 @@ def main() -> None:
         packed = save_packed(net, scratch / f"w{bits}.safetensors")
         print(f"| W{bits}A{bits} | {onnx_report.size / 1e3:,.0f} kB | {packed.size / 1e3:,.0f} kB | "
               f"{fp32_path.stat().st_size / 1e3:,.0f} kB |")
+
+
+def yolo(args, scratch: Path) -> None:
+    """YOLOv5n at `--yolo_size` px, batch 1: FP32, the exact QDQ export (BatchNorm folded) and onnx-int8."""
+    size = args.yolo_size
+    example = torch.rand(1, 3, size, size)
+    spec = QuantSpec(method="lsq", weight_bits=8, act_signed=True, layer_bits={"model.24.m.?": 8})
+    quantized = yolo_network(spec, size)
+    paths = {"YOLOv5n FP32": scratch / "yolo_fp32.onnx", "YOLOv5n LSQ W8A8 QDQ": scratch / "yolo_qdq.onnx",
+             "YOLOv5n LSQ W8A8 onnx-int8": scratch / "yolo_int8.onnx"}
+    export_onnx(yolo_network(QuantSpec(), size), example, paths["YOLOv5n FP32"])
+    export_onnx(quantized, example, paths["YOLOv5n LSQ W8A8 QDQ"], fold_bn=True)
+    report = export_onnx_int8(quantized, example, torch.rand(8, 3, size, size), paths["YOLOv5n LSQ W8A8 onnx-int8"])
+    print(f"\nYOLOv5n onnx-int8 routes: {report.route_summary()}\n")
+    print("| model | runtime nodes (after ONNX Runtime's optimisations) |")
+    print("|---|---|")
+    for label, path in paths.items():
+        kernels = runtime_kernels(path, scratch)
+        print(f"| {label} | {', '.join(f'{kind} {count}' for kind, count in list(kernels.items())[:8])} |")
+    images = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+    sessions = {label: session(path, threads=args.threads) for label, path in paths.items()}
+    times: dict[str, list[float]] = {label: [] for label in paths}
+    for runtime in sessions.values():
+        timed(runtime, images)
+    for _ in range(args.rounds):
+        for label, runtime in sessions.items():
+            times[label].append(statistics.median(timed(runtime, images) for _ in range(5)))
+    fp32 = statistics.median(times["YOLOv5n FP32"])
+    print(f"\nYOLOv5n, {size} px, batch 1:\n")
+    print("| model | latency (ms) | time vs FP32 |")
+    print("|---|---|---|")
+    for label, samples in times.items():
+        median = statistics.median(samples)
+        print(f"| {label} | {1000 * median:.1f} | {median / fp32:.2f}x |")
+    if args.profile:
+        print(f"\nms per image by operator (ONNX Runtime's profiler, {size} px):\n")
+        for label in ("YOLOv5n FP32", "YOLOv5n LSQ W8A8 onnx-int8"):
+            op_ms = op_times(paths[label], images, args.threads, runs=10)
+            listed = ", ".join(f"{op} {ms:.1f}" for op, ms in op_ms.items() if ms >= 0.05)
+            print(f"- {label} ({sum(op_ms.values()):.1f} ms in kernels): {listed}")
 
 
 if __name__ == "__main__":

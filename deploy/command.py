@@ -68,8 +68,11 @@ def add_export_arguments(parser) -> None:
                         help="onnx, onnx-int8: smallest top-1 agreement with PyTorch the check accepts (classifiers)")
     parser.add_argument("--max_difference", type=float, default=0.05,
                         help="onnx, onnx-int8: largest difference the check accepts, as a fraction of each output's "
-                             "range (networks without one (N, classes) output, e.g. the detector's boxes and raw "
-                             "heads)")
+                             "range (networks without one (N, classes) output, e.g. the detector's raw heads; its "
+                             "decoded boxes are judged by --min_detections)")
+    parser.add_argument("--min_detections", type=float, default=0.95,
+                        help="onnx, onnx-int8: smallest share of PyTorch's detections after NMS (score >= 0.25) "
+                             "that the exported detector must find again (same class, IoU >= 0.9)")
 
 
 def read(ckpt_path: Path) -> dict[str, Any]:
@@ -222,6 +225,11 @@ def _onnx_check(config, net: nn.Module, images: torch.Tensor, out: Path, agreeme
         if result.top1_agreement is None and result.worst_relative_difference > config.max_difference:
             raise VerificationFailed(f"ONNX Runtime differs from PyTorch by more than {config.max_difference:g} "
                                      f"of an output's range: {result.describe()}; {out} was not written")
+        found = result.detections.found_share if result.detections is not None else None
+        if found is not None and found < config.min_detections:
+            raise VerificationFailed(f"ONNX Runtime finds only {100 * found:.1f} % of PyTorch's detections again "
+                                     f"(< {100 * config.min_detections:.1f} %): {result.describe()}; {out} was not "
+                                     "written")
 
     return check
 
@@ -262,6 +270,10 @@ def run_export(config) -> None:
     check_writable(out)
     if config.verify_images < 1:
         raise ExportError(f"--verify_images must be >= 1, got {config.verify_images}")
+    for option in ("min_agreement", "min_detections"):
+        if not 0 <= getattr(config, option) <= 1:
+            raise ExportError(f"--{option} is a share of the check images / detections, in [0, 1]; got "
+                              f"{getattr(config, option)}")
     if config.format == "onnx-int8" and config.calibration_images < 1:
         raise ExportError(f"--calibration_images must be >= 1, got {config.calibration_images}")
     from callbacks import QuantizationCallback

@@ -9,9 +9,10 @@ from onnx import ModelProto, TensorProto, helper
 
 from deploy.onnx_qdq import INPUT_NAME
 
+_PIXELS_PER_BATCH = 256 * 32 * 32  # 256 CIFAR images, or one 512x512 image: every probed tensor is kept
 
-def calibrate(model: ModelProto, values: list[str], images: torch.Tensor,
-              batch_size: int = 256) -> dict[str, tuple[float, float]]:
+
+def calibrate(model: ModelProto, values: list[str], images: torch.Tensor) -> dict[str, tuple[float, float]]:
     """The range of each named tensor of `model` (the exact QDQ graph) over `images`, in ONNX Runtime, widened to
     hold 0 (a grid with a zero point represents 0 exactly)."""
     from deploy.verify import session
@@ -24,6 +25,7 @@ def calibrate(model: ModelProto, values: list[str], images: torch.Tensor,
         probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     runtime = session(probe.SerializeToString())
     ranges = dict.fromkeys(values, (0.0, 0.0))
+    batch_size = max(1, _PIXELS_PER_BATCH // (images.shape[-1] * images.shape[-2]))
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].float().contiguous().numpy()
         outputs = runtime.run(values, {INPUT_NAME: batch})

@@ -20,9 +20,10 @@ Where its output goes decides the output's grid, one of two *routes*:
   ReLU is taken in), and a DequantizeLinear hands the float on as before. This is a rounding the trained model
   does not have; its cost in agreement is what the export's check measures.
 
-With new points, the residual additions those outputs enter run in integers too (`deploy.integer_residual`:
-QLinearAdd writes the next quantizer's integers, and the shortcut is carried as a new 8-bit point), so a
-block stays in ONNX Runtime's channels-last integer layout from one convolution to the next.
+With new points, the float ops those outputs enter (residual additions and ReLUs, SiLUs, concatenations, max
+pools, upsampling) run on integers too (`deploy.integer_activations`: each writes the next quantizer's
+integers, or a new 8-bit point for its float readers), so the network stays in ONNX Runtime's channels-last
+integer layout from one convolution to the next.
 
 What stays as in the QDQ graph, and why, is reported per layer: a layer whose input is not quantized (the first
 layer reads the float image), weights that need int16 (DoReFa at 8 bits), and Linear layers (a 64 x 10 Gemm
@@ -41,13 +42,13 @@ from onnx import ModelProto, TensorProto, helper
 from torch import nn
 
 from deploy.errors import ExportError
-from deploy.integer_residual import integer_residuals
+from deploy.integer_activations import integer_activations
 from deploy.new_points import calibrate, new_point_grid
 from deploy.onnx_graph import GraphIndex, drop_dead_nodes, replace_nodes, sort_topologically
 from deploy.onnx_qdq import OnnxExport, qdq_model, write_model
 from deploy.requantize import exact_bias
 
-REQUANTIZED, NEW_POINT, INTEGER_ADD, KEPT = "requantized", "new 8-bit point", "integer residual", "kept as QDQ"
+REQUANTIZED, NEW_POINT, INTEGER_OP, KEPT = "requantized", "new 8-bit point", "integer op", "kept as QDQ"
 _EIGHT_BIT = {TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
 _INT32 = np.iinfo(np.int32)
 
@@ -73,7 +74,7 @@ class Int8Export(OnnxExport):
     def route_summary(self) -> str:
         """e.g. '10 requantized, 11 new 8-bit point, 2 kept as QDQ'."""
         counts = {route: sum(1 for r in self.routes if r.route == route)
-                  for route in (REQUANTIZED, NEW_POINT, INTEGER_ADD, KEPT)}
+                  for route in (REQUANTIZED, NEW_POINT, INTEGER_OP, KEPT)}
         return ", ".join(f"{n} {route}" for route, n in counts.items() if n)
 
 
@@ -102,20 +103,26 @@ def _quantizer_name(quantize) -> str:
 
 
 def _zero_point_type(graph: GraphIndex, node) -> int | None:
-    """The 8-bit integer type a QuantizeLinear / DequantizeLinear works in (its zero point's), else None."""
+    """The 8-bit integer type a QuantizeLinear / DequantizeLinear works in (its constant zero point's), else
+    None."""
     if len(node.input) < 3 or not node.input[2]:
         return None
     tensor = graph.initializers.get(node.input[2])
-    if tensor is None or tensor.data_type not in _EIGHT_BIT or graph.constant(node.input[2]).any():
+    if tensor is None or tensor.data_type not in _EIGHT_BIT or graph.constant(node.input[2]).ndim:
         return None
     return tensor.data_type
 
 
-def store_unsigned_grids_as_uint8(model: ModelProto) -> None:
-    """Give each QuantizeLinear -> Clip -> DequantizeLinear whose grid has no negative integer (LSQ's unsigned
-    activations below 8 bits, [0, 2^b-1], which the QDQ export stores in int8) uint8 zero points and bounds.
-    The integers stay the same; uint8 activations are what ONNX Runtime's fastest integer convolution takes
-    (uint8 x int8), and a uint8 output at zero point 0 is a ReLU by saturation."""
+def _zero_point(graph: GraphIndex, node) -> int:
+    return int(graph.constant(node.input[2]))
+
+
+def store_grids_as_uint8(model: ModelProto) -> None:
+    """Store every activation grid the QDQ export keeps in int8 (QuantizeLinear -> [Clip ->] DequantizeLinear)
+    in uint8, the same levels: an unsigned grid ([0, 2^b-1], LSQ's unsigned activations) at zero point 0, a
+    signed one (zero point z, the YOLO policy's signed activations) at z + 128. uint8 activations are what ONNX
+    Runtime's fast integer convolution takes (uint8 x int8; with int8 activations the detector's QLinearConvs
+    ran 4x slower than its float convs), and a uint8 output at zero point 0 is a ReLU by saturation."""
     graph = GraphIndex(model)
     made: dict[int, str] = {}
 
@@ -128,16 +135,23 @@ def store_unsigned_grids_as_uint8(model: ModelProto) -> None:
         if _zero_point_type(graph, quantize) != TensorProto.INT8:
             continue
         clip = graph.only_consumer(quantize.output[0])
-        if clip is None or clip.op_type != "Clip" or len(clip.input) != 3:
-            continue
-        low, high = graph.constant(clip.input[1]), graph.constant(clip.input[2])
-        readers = graph.consumers.get(clip.output[0], [])
-        if (low is None or high is None or int(low) < 0 or not readers or clip.output[0] in graph.graph_outputs
+        if clip is not None and clip.op_type == "Clip":
+            names = [*clip.input[1:3], "", ""][:2]  # a Clip's bounds are optional inputs
+            low, high = (graph.constant(name) if name else None for name in names)
+            if low is None or high is None:
+                continue
+            low, high, integers = int(low), int(high), clip.output[0]
+        else:  # 8 bits: the grid is the type's whole range, no Clip
+            clip, low, high, integers = None, -128, 127, quantize.output[0]
+        readers = graph.consumers.get(integers, [])
+        if (not readers or integers in graph.graph_outputs
                 or any(reader.op_type != "DequantizeLinear" for reader in readers)):
             continue
-        zero_point = constant(0)
+        shift = 0 if low >= 0 else 128  # an unsigned grid fits uint8 as it is
+        zero_point = constant(_zero_point(graph, quantize) + shift)
         quantize.input[2] = zero_point
-        clip.input[1], clip.input[2] = constant(int(low)), constant(int(high))
+        if clip is not None:
+            clip.input[1], clip.input[2] = constant(low + shift), constant(high + shift)
         for dequantize in readers:
             dequantize.input[2] = zero_point
 
@@ -148,7 +162,7 @@ def _why_kept(graph: GraphIndex, conv) -> str | None:
     if input_dq is None:
         return "its input is not quantized (float Conv on DequantizeLinear weights)"
     if _zero_point_type(graph, input_dq) is None or graph.constant(input_dq.input[1]) is None:
-        return "its input is not on a constant 8-bit grid with zero point 0"
+        return "its input is not on a constant per-tensor 8-bit grid"
     if graph.constant(input_dq.input[1]).ndim:
         return "its input has a per-channel scale"
     weight_dq = graph.producer(conv.input[1], "DequantizeLinear")
@@ -177,11 +191,22 @@ def _plan(graph: GraphIndex, conv) -> _Plan:
     storage = _zero_point_type(graph, input_dq)  # QLinearConv writes the type it reads
     if (nxt is not None and nxt.op_type == "QuantizeLinear" and graph.constant(nxt.input[1]) is not None
             and graph.constant(nxt.input[1]).ndim == 0 and _zero_point_type(graph, nxt) == storage
-            and (relu is None or storage == TensorProto.UINT8)):
-        quantize = nxt  # uint8 at zero point 0 saturates negatives to 0: the ReLU, exactly
+            and (relu is None or _zero_point(graph, nxt) == np.iinfo(_EIGHT_BIT[storage]).min)):
+        quantize = nxt  # at the type's lowest zero point, saturation clips negatives to 0: the ReLU, exactly
     if relu is not None:
         value = relu.output[0]
     return _Plan(conv, name, input_dq, weight_dq, bias_add, relu, quantize, value, storage)
+
+
+_SHAPE_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def _reaches_graph_output(graph: GraphIndex, value: str) -> bool:
+    """Whether `value` is one of the graph's outputs, as it is or only reshaped."""
+    if value in graph.graph_outputs:
+        return True
+    return any(reader.op_type in _SHAPE_OPS and _reaches_graph_output(graph, reader.output[0])
+               for reader in graph.consumers.get(value, []))
 
 
 def _shift(graph: GraphIndex, plan: _Plan, channels: int) -> np.ndarray:
@@ -217,8 +242,8 @@ def _spread(integers: np.ndarray, per_channel: bool) -> np.ndarray:
 
 
 def _grid_bounds(graph: GraphIndex, plan: _Plan) -> tuple[int, int]:
-    """The integers the requantized output may take: the Clip after the QuantizeLinear, else its type's range
-    (from 0 where a ReLU is taken in)."""
+    """The levels the requantized output may take, counted from its zero point: the Clip after the
+    QuantizeLinear, else its type's range (from 0 where a ReLU is taken in)."""
     clip = graph.only_consumer(plan.quantize.output[0])
     info = np.iinfo(_EIGHT_BIT[plan.storage])
     low, high = int(info.min), int(info.max)
@@ -226,6 +251,8 @@ def _grid_bounds(graph: GraphIndex, plan: _Plan) -> tuple[int, int]:
         bounds = graph.constant(clip.input[1]), graph.constant(clip.input[2])
         if bounds[0] is not None and bounds[1] is not None:
             low, high = int(bounds[0]), int(bounds[1])
+    zero = _zero_point(graph, plan.quantize)
+    low, high = low - zero, high - zero
     return (max(low, 0) if plan.relu is not None else low), high
 
 
@@ -304,6 +331,10 @@ def _rewrite(model: ModelProto, calibration: torch.Tensor, new_points: bool) -> 
             routes[plan.name] = LayerRoute(plan.name, KEPT, "its output enters float arithmetic, and new 8-bit "
                                                             "points were not asked for")
             continue
+        if plan.quantize is None and _reaches_graph_output(graph, plan.value):
+            routes[plan.name] = LayerRoute(plan.name, KEPT, "its output is the network's (a detector's raw map): "
+                                                            "an 8-bit point would round what the model outputs")
+            continue
         plans.append(plan)
     for node in model.graph.node:
         weight_dq = graph.producer(node.input[1], "DequantizeLinear") if node.op_type in ("Gemm", "MatMul") else None
@@ -353,12 +384,11 @@ def export_onnx_int8(net: nn.Module, example: torch.Tensor, calibration: torch.T
     `calibration` the training images that set the scales of the new 8-bit points. `check` runs on the written
     file before it takes its name (see `deploy.output.write_file`)."""
     model, report = qdq_model(net, example, fold_bn=True)
-    store_unsigned_grids_as_uint8(model)
+    store_grids_as_uint8(model)
     del model.graph.value_info[:]  # the exporter's recorded types and shapes: retyped and rewritten tensors below
     routes = _rewrite(model, calibration, new_points)
     if new_points:
-        routes += [LayerRoute(f"{block} residual add", INTEGER_ADD, detail)
-                   for block, detail in integer_residuals(model, calibration)]
+        routes += [LayerRoute(op, INTEGER_OP, detail) for op, detail in integer_activations(model, calibration)]
     if not any(route.route != KEPT for route in routes):
         raise ExportError("no quantized layer has both its input and its weights on 8-bit integer grids, so "
                           "--format onnx-int8 has nothing to run in integer kernels (weights-only methods such as "

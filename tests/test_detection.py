@@ -350,10 +350,11 @@ def test_the_study_report_has_the_detection_table(short_study):
     assert len(lines) >= 2
 
 
-def export_and_check(run: Path, out: Path, capsys):
-    """`cli.py export --format onnx` of a run's last.ckpt with the run's own config.yaml (what a user has at
-    hand after a fit), then the written graph against the checkpoint's network in ONNX Runtime on the 64 test
-    images: the output names and shapes, and each output's largest difference as a fraction of its range."""
+def export_and_check(run: Path, out: Path, capsys, export_format: str = "onnx", *options: str):
+    """`cli.py export --format onnx` (or `export_format`) of a run's last.ckpt with the run's own config.yaml
+    (what a user has at hand after a fit), then the written graph against the checkpoint's network in ONNX
+    Runtime on the 64 test images: the output names and shapes, and each output's largest difference as a
+    fraction of its range."""
     import onnxruntime as ort
 
     from deploy.command import test_images
@@ -361,7 +362,7 @@ def export_and_check(run: Path, out: Path, capsys):
 
     checkpoint = run / "checkpoints" / "last.ckpt"
     assert run_cli("export", "--config", str(run / "config.yaml"), "--ckpt_path", str(checkpoint),
-                   "--format", "onnx", "--out", str(out)) == 0
+                   "--format", export_format, "--out", str(out), *options) == 0
     printed = capsys.readouterr().out
     assert "ONNX Runtime (CPU) vs PyTorch on 64 images" in printed and "raw_stride32" in printed, printed
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -393,6 +394,22 @@ def test_a_quantized_detector_exports_to_onnx_and_runs_in_onnx_runtime(short_stu
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
 
 
+def test_a_quantized_detector_exports_to_onnx_int8(short_study, tmp_path, capsys):
+    """`--format onnx-int8` of the LSQ W8A8 detector: its convolutions as QLinearConv at new 8-bit points (a
+    SiLU follows each), the 3 head convs kept as QDQ since their outputs are the network's; ONNX Runtime builds
+    the graph (its QDQ propagation had failed on a dequantized head map) and the outputs pass the check."""
+    import onnx
+
+    out = tmp_path / "yolov5n-lsq8-int8.onnx"
+    relative, _ = export_and_check(short_study / "cells" / "lsq-w8a8-seed0", out, capsys, "onnx-int8")
+    # The raw maps within the check's 5 %; the decoded boxes are judged by the detections found again (this
+    # 3-epoch model scores none above 0.25: the slow test below checks them on the 12-epoch one).
+    assert max(v for name, v in relative.items() if name != "detections") < 0.05, relative
+    ops = [node.op_type for node in onnx.load(str(out)).graph.node]
+    assert ops.count("QLinearConv") == 56 and ops.count("Conv") == 4  # the image conv and the 3 head convs
+    assert {"QLinearSigmoid", "QLinearMul", "QLinearConcat", "QLinearAdd"} <= set(ops)  # SiLUs, C3s, bottlenecks
+
+
 @pytest.mark.slow
 def test_a_trained_quantized_detector_keeps_its_detections_in_onnx_runtime(trained_study, tmp_path, capsys):
     """The 12-epoch LSQ W8A8 model (the 3-epoch one scores no box above 0.25): its detections after NMS, found
@@ -402,6 +419,15 @@ def test_a_trained_quantized_detector_keeps_its_detections_in_onnx_runtime(train
           f"{detections.describe()}")
     assert max(relative.values()) < 0.05, relative
     assert detections.reference > 0 and detections.matched >= 0.95 * detections.reference
+    # The integer form. Each conv's output is a new 8-bit point (a SiLU follows every conv, so none can write
+    # the next quantizer's integers), its step about that quantizer's: a second rounding that moves a third of
+    # the next layer's integers by a level. Measured: 275/318 found again at IoU >= 0.9, 291 at 0.75, all 318 at
+    # 0.5. So the default check (95 % at IoU 0.9) refuses the file; what it costs is asserted here.
+    relative, detections = export_and_check(trained_study / "cells" / "lsq-w8a8-seed0", tmp_path / "i.onnx",
+                                            capsys, "onnx-int8", "--min_detections", "0")
+    print(f"12-epoch LSQ W8A8 YOLOv5n onnx-int8: {relative}; {detections.describe()}")
+    assert detections.matched_at_half >= 0.95 * detections.reference
+    assert detections.matched >= 0.8 * detections.reference
 
 
 # ----------------------------------------------------------------------------------------------- bad input
