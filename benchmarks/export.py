@@ -65,6 +65,21 @@ def timed(runtime, images: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
+def interleaved_medians(models: dict[str, Path], images: np.ndarray, args) -> dict[str, float]:
+    """Seconds per run of each model on `images`: each round times every model in turn (about `args.seconds`
+    of runs each, their median), so drift in the machine's speed hits all alike; the median over rounds."""
+    sessions = {label: session(path, threads=args.threads) for label, path in models.items()}
+    for runtime in sessions.values():  # warm-up
+        for _ in range(3):
+            timed(runtime, images)
+    repeats = {label: max(1, int(args.seconds / timed(runtime, images))) for label, runtime in sessions.items()}
+    times: dict[str, list[float]] = {label: [] for label in models}
+    for _ in range(args.rounds):
+        for label, runtime in sessions.items():
+            times[label].append(statistics.median(timed(runtime, images) for _ in range(repeats[label])))
+    return {label: statistics.median(samples) for label, samples in times.items()}
+
+
 def op_times(path: Path, images: np.ndarray, threads: int, runs: int = 20, warmup: int = 3) -> dict[str, float]:
     """Milliseconds per batch spent in each operator type, from ONNX Runtime's own profiler (one session; the
     kernels of its first `warmup` runs are left out)."""
@@ -132,22 +147,12 @@ def main() -> None:
 
     for batch in args.batches:
         images = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
-        sessions = {label: session(path, threads=args.threads) for label, path in models.items()}
-        times: dict[str, list[float]] = {label: [] for label in models}
-        for runtime in sessions.values():  # warm-up
-            for _ in range(3):
-                timed(runtime, images)
-        repeats = {label: max(1, int(args.seconds / timed(runtime, images))) for label, runtime in sessions.items()}
-        for _ in range(args.rounds):
-            for label, runtime in sessions.items():
-                times[label].append(statistics.median(timed(runtime, images) for _ in range(repeats[label])))
-        fp32 = statistics.median(times["FP32"])
+        medians = interleaved_medians(models, images, args)
         print(f"\nbatch {batch}:\n")
         print("| model | latency (ms) | throughput (images/s) | time vs FP32 |")
         print("|---|---|---|---|")
-        for label, samples in times.items():
-            median = statistics.median(samples)
-            print(f"| {label} | {1000 * median:.2f} | {batch / median:,.0f} | {median / fp32:.2f}x |")
+        for label, median in medians.items():
+            print(f"| {label} | {1000 * median:.2f} | {batch / median:,.0f} | {median / medians['FP32']:.2f}x |")
 
     if args.profile:
         batch = max(args.batches)
@@ -183,7 +188,8 @@ def yolo(args, scratch: Path) -> None:
              "YOLOv5n LSQ W8A8 onnx-int8": scratch / "yolo_int8.onnx"}
     export_onnx(yolo_network(QuantSpec(), size), example, paths["YOLOv5n FP32"])
     export_onnx(quantized, example, paths["YOLOv5n LSQ W8A8 QDQ"], fold_bn=True)
-    report = export_onnx_int8(quantized, example, torch.rand(8, 3, size, size), paths["YOLOv5n LSQ W8A8 onnx-int8"])
+    pixels = torch.randint(0, 256, (8, 3, size, size)) / 255  # a detector's input: 8-bit images scaled to [0, 1]
+    report = export_onnx_int8(quantized, example, pixels, paths["YOLOv5n LSQ W8A8 onnx-int8"])
     print(f"\nYOLOv5n onnx-int8 routes: {report.route_summary()}\n")
     print("| model | runtime nodes (after ONNX Runtime's optimisations) |")
     print("|---|---|")
@@ -191,20 +197,12 @@ def yolo(args, scratch: Path) -> None:
         kernels = runtime_kernels(path, scratch)
         print(f"| {label} | {', '.join(f'{kind} {count}' for kind, count in list(kernels.items())[:8])} |")
     images = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
-    sessions = {label: session(path, threads=args.threads) for label, path in paths.items()}
-    times: dict[str, list[float]] = {label: [] for label in paths}
-    for runtime in sessions.values():
-        timed(runtime, images)
-    for _ in range(args.rounds):
-        for label, runtime in sessions.items():
-            times[label].append(statistics.median(timed(runtime, images) for _ in range(5)))
-    fp32 = statistics.median(times["YOLOv5n FP32"])
+    medians = interleaved_medians(paths, images, args)
     print(f"\nYOLOv5n, {size} px, batch 1:\n")
     print("| model | latency (ms) | time vs FP32 |")
     print("|---|---|---|")
-    for label, samples in times.items():
-        median = statistics.median(samples)
-        print(f"| {label} | {1000 * median:.1f} | {median / fp32:.2f}x |")
+    for label, median in medians.items():
+        print(f"| {label} | {1000 * median:.1f} | {median / medians['YOLOv5n FP32']:.2f}x |")
     if args.profile:
         print(f"\nms per image by operator (ONNX Runtime's profiler, {size} px):\n")
         for label in ("YOLOv5n FP32", "YOLOv5n LSQ W8A8 onnx-int8"):

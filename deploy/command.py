@@ -68,8 +68,8 @@ def add_export_arguments(parser) -> None:
                         help="onnx, onnx-int8: smallest top-1 agreement with PyTorch the check accepts (classifiers)")
     parser.add_argument("--max_difference", type=float, default=0.05,
                         help="onnx, onnx-int8: largest difference the check accepts, as a fraction of each output's "
-                             "range (networks without one (N, classes) output, e.g. the detector's raw heads; its "
-                             "decoded boxes are judged by --min_detections)")
+                             "range, where neither top-1 agreement (classifiers) nor detections found again "
+                             "(detectors that detect something on the check images) can be compared")
     parser.add_argument("--min_detections", type=float, default=0.95,
                         help="onnx, onnx-int8: smallest share of PyTorch's detections after NMS (score >= 0.25) "
                              "that the exported detector must find again (same class, IoU >= 0.9)")
@@ -222,10 +222,14 @@ def _onnx_check(config, net: nn.Module, images: torch.Tensor, out: Path, agreeme
         if result.top1_agreement is not None and result.top1_agreement < config.min_agreement:
             raise VerificationFailed(f"ONNX Runtime agrees with PyTorch on only {result.describe()} "
                                      f"(< {100 * config.min_agreement:.1f} %); {out} was not written")
-        if result.top1_agreement is None and result.worst_relative_difference > config.max_difference:
+        # What the network is for decides: a classifier's top-1, a detector's detections after NMS; only where
+        # neither is there to compare (no (N, classes) output, or a detector that detects nothing yet) the
+        # largest difference of every output.
+        found = result.detections.found_share if result.detections is not None else None
+        if (result.top1_agreement is None and found is None
+                and result.worst_relative_difference > config.max_difference):
             raise VerificationFailed(f"ONNX Runtime differs from PyTorch by more than {config.max_difference:g} "
                                      f"of an output's range: {result.describe()}; {out} was not written")
-        found = result.detections.found_share if result.detections is not None else None
         if found is not None and found < config.min_detections:
             raise VerificationFailed(f"ONNX Runtime finds only {100 * found:.1f} % of PyTorch's detections again "
                                      f"(< {100 * config.min_detections:.1f} %): {result.describe()}; {out} was not "

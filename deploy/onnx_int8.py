@@ -45,10 +45,11 @@ from deploy.errors import ExportError
 from deploy.integer_activations import integer_activations
 from deploy.new_points import calibrate, new_point_grid
 from deploy.onnx_graph import GraphIndex, drop_dead_nodes, replace_nodes, sort_topologically
-from deploy.onnx_qdq import OnnxExport, qdq_model, write_model
+from deploy.onnx_qdq import INPUT_NAME, OnnxExport, qdq_model, write_model
 from deploy.requantize import exact_bias
 
 REQUANTIZED, NEW_POINT, INTEGER_OP, KEPT = "requantized", "new 8-bit point", "integer op", "kept as QDQ"
+IMAGE_LEVELS = "image as integers"
 _EIGHT_BIT = {TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
 _INT32 = np.iinfo(np.int32)
 
@@ -74,7 +75,7 @@ class Int8Export(OnnxExport):
     def route_summary(self) -> str:
         """e.g. '10 requantized, 11 new 8-bit point, 2 kept as QDQ'."""
         counts = {route: sum(1 for r in self.routes if r.route == route)
-                  for route in (REQUANTIZED, NEW_POINT, INTEGER_OP, KEPT)}
+                  for route in (IMAGE_LEVELS, REQUANTIZED, NEW_POINT, INTEGER_OP, KEPT)}
         return ", ".join(f"{n} {route}" for route, n in counts.items() if n)
 
 
@@ -378,6 +379,31 @@ def _rewrite(model: ModelProto, calibration: torch.Tensor, new_points: bool) -> 
     return list(routes.values())
 
 
+def read_image_levels(model: ModelProto, calibration: torch.Tensor) -> LayerRoute | None:
+    """Where every calibration image is 8-bit pixels over 255 (a detector's input: uint8 images scaled to
+    [0, 1]), let the convolutions reading the image read its uint8 levels k/255 instead of floats: exact on such
+    images (QuantizeLinear gives back each k), so the first conv can run as QLinearConv too. A classifier's
+    normalised images are not on one such grid and stay float."""
+    levels = calibration.double().numpy() * 255
+    if not len(levels) or levels.min() < 0 or levels.max() > 255 or np.abs(levels - np.round(levels)).max() > 1e-3:
+        return None
+    graph = GraphIndex(model)
+    readers = graph.consumers.get(INPUT_NAME, [])
+    if not readers or any(reader.op_type != "Conv" for reader in readers):
+        return None
+    scale = graph.add_initializer(f"{INPUT_NAME}.scale", np.array(1 / 255, dtype=np.float32))
+    zero_point = graph.add_initializer(f"{INPUT_NAME}.zero_point", np.array(0, dtype=np.uint8))
+    nodes = [helper.make_node("QuantizeLinear", [INPUT_NAME, scale, zero_point], [f"{INPUT_NAME}.levels"],
+                              name=f"{INPUT_NAME}.quantize"),
+             helper.make_node("DequantizeLinear", [f"{INPUT_NAME}.levels", scale, zero_point],
+                              [f"{INPUT_NAME}.on_levels"], name=f"{INPUT_NAME}.dequantize")]
+    for reader in readers:
+        reader.input[0] = f"{INPUT_NAME}.on_levels"
+    replace_nodes(model.graph, nodes + list(model.graph.node))
+    return LayerRoute(INPUT_NAME, IMAGE_LEVELS, f"uint8 levels k/255: all {len(calibration)} calibration images lie "
+                                                 "on them, so the convs reading the image read integers, exactly")
+
+
 def export_onnx_int8(net: nn.Module, example: torch.Tensor, calibration: torch.Tensor, path: str | Path,
                      new_points: bool = True, check: Callable[[Path], None] | None = None) -> Int8Export:
     """Write `net` (fake-quant) as ONNX whose quantized convolutions are QLinearConv; `example` is one input batch,
@@ -386,7 +412,8 @@ def export_onnx_int8(net: nn.Module, example: torch.Tensor, calibration: torch.T
     model, report = qdq_model(net, example, fold_bn=True)
     store_grids_as_uint8(model)
     del model.graph.value_info[:]  # the exporter's recorded types and shapes: retyped and rewritten tensors below
-    routes = _rewrite(model, calibration, new_points)
+    image = read_image_levels(model, calibration) if new_points else None
+    routes = ([image] if image else []) + _rewrite(model, calibration, new_points)
     if new_points:
         routes += [LayerRoute(op, INTEGER_OP, detail) for op, detail in integer_activations(model, calibration)]
     if not any(route.route != KEPT for route in routes):

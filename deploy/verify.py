@@ -89,10 +89,9 @@ class Agreement:
 
     @property
     def worst_relative_difference(self) -> float:
-        """The largest difference as a fraction of its own output's range, over the outputs the difference
-        judges: all but a detector's decoded boxes, which the detections found again after NMS judge (a box's
-        width grows as the square of its raw value, so a raw difference of a percent moved decoded corners by
-        6 % of the image in the onnx-int8 detector while every raw map stayed within 1.5 %)."""
+        """The largest difference as a fraction of its own output's range, over the outputs; a detector's decoded
+        boxes left out (a box's width grows as the square of its raw value: a raw difference of a percent moved
+        decoded corners by 6 % of the image in the onnx-int8 detector while every raw map stayed within 1.5 %)."""
         return max(output.relative for output in self.outputs
                    if self.detections is None or output.name != DETECTIONS_OUTPUT)
 

@@ -1,6 +1,7 @@
 """deploy.integer_activations on hand-built graphs: a float residual addition becomes QLinearAdd, whose integers
 are the quantizer's rounding of the sum of its two 8-bit operands, and whose float readers get a calibrated
-8-bit point; a SiLU becomes QLinearSigmoid and QLinearMul; a max pool keeps its input's grid."""
+8-bit point; a SiLU becomes QLinearSigmoid and QLinearMul; a max pool keeps its input's grid. And
+deploy.onnx_int8.read_image_levels: 8-bit images read as integers, exactly."""
 
 from __future__ import annotations
 
@@ -136,3 +137,36 @@ def test_a_silu_runs_as_qlinear_sigmoid_and_mul_and_a_max_pool_keeps_its_grid():
     assert off.max() <= 1 and (off > 0).mean() < 0.01, f"{(off > 0).sum()} of {off.size} integers off the formula"
     exact_pooled = session(_silu_graph().SerializeToString()).run(["pooled"], {INPUT_NAME: images.numpy()})[0]
     np.testing.assert_array_equal(pooled, exact_pooled)  # a max of grid values is a grid value: no rounding
+
+
+def _image_conv_graph() -> onnx.ModelProto:
+    weights = np.random.default_rng(0).integers(-127, 128, (4, 3, 3, 3)).astype(np.int8)
+    constants = {"w": weights, "w_scale": np.array(0.01, np.float32)}
+    nodes = [helper.make_node("DequantizeLinear", ["w", "w_scale"], ["weight"]),
+             helper.make_node("Conv", [INPUT_NAME, "weight"], ["features"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(
+        nodes, "image", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [None, 3, 8, 8])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(value, name) for name, value in constants.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def test_eight_bit_images_are_read_as_their_levels_and_normalised_ones_are_not():
+    from deploy.onnx_int8 import IMAGE_LEVELS, read_image_levels
+
+    pixels = torch.randint(0, 256, (16, 3, 8, 8)) / 255  # a detector's input
+    model = _image_conv_graph()
+    route = read_image_levels(model, pixels)
+    assert route is not None and route.route == IMAGE_LEVELS and "all 16 calibration images" in route.detail
+    assert [node.op_type for node in model.graph.node][:2] == ["QuantizeLinear", "DequantizeLinear"]
+    model.graph.output.append(helper.make_tensor_value_info(f"{INPUT_NAME}.levels", TensorProto.UINT8, None))
+    levels, through_levels = session(model.SerializeToString()).run([f"{INPUT_NAME}.levels", "features"],
+                                                                   {INPUT_NAME: pixels.numpy()})
+    np.testing.assert_array_equal(levels, (pixels * 255).round().numpy())  # every pixel's own level
+    exact = session(_image_conv_graph().SerializeToString()).run(["features"], {INPUT_NAME: pixels.numpy()})[0]
+    np.testing.assert_allclose(through_levels, exact, rtol=1e-5, atol=1e-6)  # k * (1/255) vs k / 255: an ulp
+
+    normalised = (pixels - 0.5) / 0.25  # a classifier's input: not on one 8-bit grid
+    untouched = _image_conv_graph()
+    assert read_image_levels(untouched, normalised) is None
+    assert untouched.SerializeToString() == _image_conv_graph().SerializeToString()
