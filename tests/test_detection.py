@@ -412,6 +412,31 @@ def test_a_quantized_detector_exports_to_onnx_int8(short_study, tmp_path, capsys
     assert {"QLinearSigmoid", "QLinearMul", "QLinearConcat", "QLinearAdd"} <= set(ops)  # SiLUs, C3s, bottlenecks
 
 
+def test_a_detector_whose_detections_are_not_found_again_is_not_written(short_study, tmp_path, capsys,
+                                                                         monkeypatch):
+    """Below --min_detections the export ends with status 1, one line, and no file (the check's own comparison
+    made to find 9 of 10 detections again; the 3-epoch model detects nothing itself)."""
+    import dataclasses
+
+    import deploy.verify
+
+    real_compare = deploy.verify.compare
+
+    def nine_of_ten(*args, **kwargs):
+        found = deploy.verify.DetectionAgreement(0.25, 0.9, reference=10, matched=9, exported=10,
+                                                 matched_at_half=10)
+        return dataclasses.replace(real_compare(*args, **kwargs), detections=found)
+
+    monkeypatch.setattr(deploy.verify, "compare", nine_of_ten)
+    run = short_study / "cells" / "lsq-w8a8-seed0"
+    out = tmp_path / "m.onnx"
+    assert run_cli("export", "--config", str(run / "config.yaml"), "--ckpt_path",
+                   str(run / "checkpoints" / "last.ckpt"), "--out", str(out)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "finds only 90.0 % of PyTorch's detections again (< 95.0 %)" in err[0], err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_a_trained_quantized_detector_keeps_its_detections_in_onnx_runtime(trained_study, tmp_path, capsys):
     """The 12-epoch LSQ W8A8 model (the 3-epoch one scores no box above 0.25): its detections after NMS, found

@@ -423,9 +423,20 @@ def test_cli_export_bad_input_is_one_line_and_writes_nothing(case, lsq_run, tmp_
 
 
 @pytest.mark.parametrize("export_format", ["onnx", "onnx-int8"])
-def test_cli_export_that_fails_its_check_writes_nothing(export_format, lsq_run, tmp_path, capsys):
-    """An agreement below --min_agreement (here an impossible 101 %) ends with status 1 and no file."""
-    assert _export(lsq_run, tmp_path / "model.onnx", "--format", export_format, "--min_agreement", "1.01") == 1
+def test_cli_export_that_fails_its_check_writes_nothing(export_format, lsq_run, tmp_path, capsys, monkeypatch):
+    """An agreement below --min_agreement ends with status 1 and no file (ONNX Runtime made to disagree on half
+    the images: the check's own comparison, its result halved)."""
+    import dataclasses
+
+    import deploy.verify
+
+    real_compare = deploy.verify.compare
+
+    def half_agreeing(*args, **kwargs):
+        return dataclasses.replace(real_compare(*args, **kwargs), top1_agreement=0.5)
+
+    monkeypatch.setattr(deploy.verify, "compare", half_agreeing)
+    assert _export(lsq_run, tmp_path / "model.onnx", "--format", export_format, "--min_agreement", "0.9") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "export check failed" in err[0] and "was not written" in err[0]
     assert list(tmp_path.iterdir()) == []
