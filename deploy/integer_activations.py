@@ -40,7 +40,7 @@ MICROSOFT = "com.microsoft"  # QLinearAdd, QLinearMul, QLinearSigmoid, QLinearCo
 _STORAGE = {TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
 # Ops whose outputs are some of their input's values: the input's grid holds them exactly.
 GRID_KEEPING = ("MaxPool", "Resize")
-# Ops ONNX Runtime runs on integers when wrapped in QDQ (first input(s) the data; the rest constants).
+# The ops run on integers here, and how many of their first inputs are data (the rest are constants).
 _DATA_INPUTS = {"Add": 2, "Mul": 2, "Sigmoid": 1, "Concat": None, "MaxPool": 1, "Resize": 1}
 
 
@@ -206,6 +206,7 @@ class _Rewrite:
         relu_note = ", ReLU by saturation" if relu is not None else ""
         self.routes.append((name, f"{'QLinear' if not keeps_grid else ''}{node.op_type}{relu_note}; writes "
                             + "; ".join(writes)))
+
 
 def _calibration_values(graph: GraphIndex, model: ModelProto) -> list[str]:
     """Every tensor a new point may be calibrated for: each wrappable op's operands and output (after its ReLU)."""
