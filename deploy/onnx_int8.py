@@ -5,13 +5,14 @@ QDQ Conv only becomes an integer kernel when its output is requantized, which th
 (BatchNorm, ReLU and residual additions run in float). This form starts from that graph with BatchNorm folded
 (`deploy.bn_fold`: the integers as trained, each output channel's scale times BatchNorm's factor, its shift a
 separate Add) and replaces each Conv whose input and weights are 8-bit-storable integers by a QLinearConv
-(uint8/int8 input x int8 weights, int32 accumulation, the shift as an int32 bias, output requantized to 8 bits).
+(uint8 input x int8 weights, int32 accumulation, the shift as an int32 bias, output requantized to 8 bits;
+every activation grid is stored in uint8 first, `store_grids_as_uint8`).
 Where its output goes decides the output's grid, one of two *routes*:
 
 - **requantized**: the Conv's output reaches the next quantized layer's input quantizer only through its
   BatchNorm shift and a ReLU (Conv -> Add -> [Relu] -> QuantizeLinear, nothing else reading the tensors on the
   way). The QLinearConv then writes that quantizer's integers directly: its output scale is the quantizer's
-  step, the uint8 saturation at zero point 0 is the ReLU, and the Clip to the b-bit grid stays as it was. These
+  step, the saturation at the lowest zero point is the ReLU, and the Clip to the b-bit grid stays as it was. These
   are the levels the trained model computes; only float rounding near a level boundary (and the shift rounded
   to the accumulator's int32 step) separates them.
 - **new 8-bit point**: the output also enters something in float (a residual addition, pooling, a graph
@@ -26,8 +27,9 @@ integers, or a new 8-bit point for its float readers), so the network stays in O
 integer layout from one convolution to the next.
 
 What stays as in the QDQ graph, and why, is reported per layer: a layer whose input is not quantized (the first
-layer reads the float image), weights that need int16 (DoReFa at 8 bits), and Linear layers (a 64 x 10 Gemm
-costs nothing next to the convolutions, and QLinearMatMul would round the logits to 8 bits).
+layer reads the float image, unless the image is 8-bit pixels / 255: `read_image_levels`), weights that need
+int16 (DoReFa at 8 bits), a conv whose output is the network's (a detector's raw maps), and Linear layers (a
+64 x 10 Gemm costs nothing next to the convolutions, and QLinearMatMul would round the logits to 8 bits).
 """
 
 from __future__ import annotations
