@@ -24,7 +24,7 @@ from torch import nn
 from quantizers.base import DataInitializedQuantizer, LearnedParameter
 from quantizers.errors import QuantSpecError, check_non_negative
 from quantizers.grid import IntegerGrid, NoIntegerGrid
-from quantizers.straight_through import dot_in_memory_order, in_float32, pass_between
+from quantizers.straight_through import clamp_between, dot_in_memory_order, in_float32, pass_between
 
 # Smallest step the forward pass uses; the stored parameter may dip below it without losing its gradient.
 _MIN_STEP = 1e-8
@@ -44,7 +44,7 @@ def _broadcast_step(step: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _lsq_levels(x: torch.Tensor, step: torch.Tensor, q_neg: int, q_pos: int) -> torch.Tensor:
     """round(clip(x/s, -Qn, Qp)) * s in float32, for a per-tensor step."""
-    return torch.clamp(in_float32(x), -q_neg * step, q_pos * step).div_(step).round_().mul_(step)
+    return clamp_between(in_float32(x), -q_neg * step, q_pos * step).div_(step).round_().mul_(step)
 
 
 class _LSQFunction(torch.autograd.Function):

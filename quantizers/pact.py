@@ -17,7 +17,7 @@ from torch import nn
 from quantizers.base import LearnedParameter, Quantizer
 from quantizers.errors import QuantSpecError, check_non_negative
 from quantizers.grid import IntegerGrid
-from quantizers.straight_through import in_float32, pass_between, sum_where_at_least
+from quantizers.straight_through import clamp_between, in_float32, pass_between, sum_where_at_least
 
 
 class _PACTFunction(torch.autograd.Function):
@@ -27,7 +27,7 @@ class _PACTFunction(torch.autograd.Function):
     def forward(ctx, x, alpha, levels):
         scale = alpha / levels
         ctx.save_for_backward(x, alpha)
-        out = torch.clamp(in_float32(x), torch.zeros_like(alpha), alpha).div_(scale).round_().mul_(scale)
+        out = clamp_between(in_float32(x), torch.zeros_like(alpha), alpha).div_(scale).round_().mul_(scale)
         return out.to(x.dtype)
 
     @staticmethod

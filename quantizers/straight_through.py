@@ -64,6 +64,18 @@ def pass_between(
     return grad * (above_low & below_high)
 
 
+def clamp_between(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """clamp(x, low, high) for 0-dim tensor bounds (a step times a grid end, PACT's alpha).
+
+    On CPU the bounds go in as numbers: a clamp against tensor bounds takes the generic broadcasting path, 8x
+    slower than the scalar one (1.0 vs 0.13 ms on a 128 x 16 x 32 x 32 activation), and it was most of an
+    LSQ layer's forward. The values are the same: a float32 bound is exactly a Python float. GPUs keep the
+    tensors (a number would be a device sync per layer)."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return torch.clamp(x, _number(low), _number(high))
+    return torch.clamp(x, low, high)
+
+
 def sum_where_at_least(grad: torch.Tensor, x: torch.Tensor, threshold) -> torch.Tensor:
     """sum(grad where x >= threshold)."""
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
