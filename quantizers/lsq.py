@@ -24,7 +24,7 @@ from torch import nn
 from quantizers.base import DataInitializedQuantizer, LearnedParameter
 from quantizers.errors import QuantSpecError, check_non_negative
 from quantizers.grid import IntegerGrid, NoIntegerGrid
-from quantizers.straight_through import clamp_between, dot_in_memory_order, in_float32, pass_between
+from quantizers.straight_through import in_float32, pass_between, step_gradient_sum
 
 # Smallest step the forward pass uses; the stored parameter may dip below it without losing its gradient.
 _MIN_STEP = 1e-8
@@ -43,15 +43,18 @@ def _broadcast_step(step: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _lsq_levels(x: torch.Tensor, step: torch.Tensor, q_neg: int, q_pos: int) -> torch.Tensor:
-    """round(clip(x/s, -Qn, Qp)) * s in float32, for a per-tensor step."""
-    return clamp_between(in_float32(x), -q_neg * step, q_pos * step).div_(step).round_().mul_(step)
+    """round(clip(x/s, -Qn, Qp)) * s in float32, for a per-tensor step.
+
+    One new tensor and three in-place passes; the clip is in units of the step, against the grid's integer ends
+    as Python numbers (a clamp against 0-dim tensor bounds takes PyTorch's broadcasting path on CPU, 5x slower)."""
+    return (in_float32(x) / step).clamp_(-q_neg, q_pos).round_().mul_(step)
 
 
 class _LSQFunction(torch.autograd.Function):
     """Per-tensor LSQ in few passes, saving nothing the network does not keep alive anyway.
 
     With out = round(clip(x/s, -Qn, Qp)) * s, the step gradient summed over elements is
-        sum(g * (round(v) - v) inside, -Qn below, Qp above) = (sum_inside g * (out - x) + sum_outside g * out) / s,
+        sum(g * (round(v) - v) inside, -Qn below, Qp above) = sum(g * (out - x where inside, else out)) / s,
     since outside the range round(clip(v)) is the clipped level. x (the previous ReLU's output) and out (the
     next conv's input) are saved by those ops too, so saving them here costs no memory. A half-precision x
     (autocast) is quantized in float32 and the levels handed back in x's dtype; its backward recomputes the
@@ -72,12 +75,10 @@ class _LSQFunction(torch.autograd.Function):
         x_32, grad_32 = in_float32(x), in_float32(grad_out)
         if out is None:  # half-precision input: its float32 levels were not kept, rebuild them once
             out = _lsq_levels(x_32, step, q_neg, q_pos)
-        grad_x = pass_between(grad_32, x_32, -q_neg * step, q_pos * step)
-        # Inside and outside summed apart: sum(g * out) - sum(g * x) over all elements would cancel
-        # catastrophically in float32 (two large sums, a small difference).
-        inside = dot_in_memory_order(grad_x, out - x_32)
-        outside = dot_in_memory_order(grad_32 - grad_x, out)
-        return grad_x.to(x.dtype), (inside + outside) / step * grad_scale, None, None, None
+        low, high = -q_neg * step, q_pos * step
+        grad_x = pass_between(grad_32, x_32, low, high)
+        grad_step = step_gradient_sum(grad_32, out, x_32, low, high)
+        return grad_x.to(x.dtype), grad_step / step * grad_scale, None, None, None
 
 
 def _channel_sum(t: torch.Tensor) -> torch.Tensor:

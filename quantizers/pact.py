@@ -17,7 +17,7 @@ from torch import nn
 from quantizers.base import LearnedParameter, Quantizer
 from quantizers.errors import QuantSpecError, check_non_negative
 from quantizers.grid import IntegerGrid
-from quantizers.straight_through import clamp_between, in_float32, pass_between, sum_where_at_least
+from quantizers.straight_through import in_float32, pass_between, sum_where_at_least
 
 
 class _PACTFunction(torch.autograd.Function):
@@ -27,7 +27,9 @@ class _PACTFunction(torch.autograd.Function):
     def forward(ctx, x, alpha, levels):
         scale = alpha / levels
         ctx.save_for_backward(x, alpha)
-        out = clamp_between(in_float32(x), torch.zeros_like(alpha), alpha).div_(scale).round_().mul_(scale)
+        # The clip in units of the step against number ends (0, levels): the same levels as clip(x, 0, alpha) / scale
+        # after rounding, without a clamp against a 0-dim tensor (PyTorch's slow broadcasting path on CPU).
+        out = (in_float32(x) / scale).clamp_(0, levels).round_().mul_(scale)
         return out.to(x.dtype)
 
     @staticmethod

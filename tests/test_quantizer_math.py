@@ -78,6 +78,32 @@ def test_lsq_activation_gradient_scale_counts_features_per_sample():
     torch.testing.assert_close(quantizer.step.grad, d_s / math.sqrt(3 * 4 * 4 * 15))
 
 
+def _memory_formats(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x.contiguous()
+
+
+@pytest.mark.parametrize(("x_layout", "grad_layout"), [("contiguous", "contiguous"),
+                                                        ("channels_last", "channels_last"),
+                                                        ("channels_last", "contiguous")])
+def test_lsq_step_gradient_in_every_memory_layout(x_layout, grad_layout):
+    """The CPU backward builds the step gradient in a reused scratch buffer over the tensors' storage order
+    (contiguous or channels_last), and falls back to plain ops when the layouts differ. Two activation sizes in
+    turn, the smaller second, so a reused buffer longer than the tensor is exercised too."""
+    torch.manual_seed(1)
+    for shape in [(4, 6, 5, 5), (2, 6, 3, 3)]:
+        quantizer = lsq_with_step(3, signed=True, step=0.25, activation=True)  # inside: -1.0 < x < 0.75
+        x = _memory_formats(torch.randn(shape) * 0.8, x_layout).requires_grad_()
+        upstream = _memory_formats(torch.randn(shape), grad_layout)
+        quantizer(x).backward(upstream)
+        v = x.detach() / 0.25
+        inside = (v > -4) & (v < 3)
+        assert inside.any() and not inside.all()
+        d_s = torch.where(inside, v.round() - v, v.clamp(-4, 3))
+        g = 1 / math.sqrt(x[0].numel() * 3)
+        torch.testing.assert_close(x.grad, upstream * inside)
+        torch.testing.assert_close(quantizer.step.grad, (upstream * d_s).sum() * g, rtol=1e-5, atol=1e-6)
+
+
 def test_lsq_matches_the_common_straight_through_implementation():
     """Same values and gradients as `(x.round() - x).detach() + x` with a gradient-scaled step."""
     torch.manual_seed(0)
@@ -170,6 +196,19 @@ def test_pact_forward_and_gradients():
     # d/dx = 1 on [0, alpha); d/dalpha = 1 where x >= alpha
     torch.testing.assert_close(x.grad, torch.tensor([0.0, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0]))
     torch.testing.assert_close(quantizer.alpha.grad, torch.tensor(6.0 + 7.0))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_pact_alpha_gradient_in_both_memory_layouts(layout):
+    torch.manual_seed(2)
+    quantizer = PACTQuantizer(bits=3, alpha=1.0)
+    x = _memory_formats(torch.rand(3, 4, 5, 5) * 1.6, layout).requires_grad_()
+    upstream = _memory_formats(torch.randn(3, 4, 5, 5), layout)
+    quantizer(x).backward(upstream)
+    above = x.detach() >= 1.0
+    assert above.any() and not above.all()
+    torch.testing.assert_close(quantizer.alpha.grad, upstream[above].sum(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, upstream * ~above)
 
 
 def test_pact_levels_follow_alpha():
