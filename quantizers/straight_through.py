@@ -38,6 +38,14 @@ def _flat_views(*tensors: torch.Tensor) -> list[torch.Tensor] | None:
     return None
 
 
+def _in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t in like's dense layout (a copy only when they differ: a conv's weight gradient can come back
+    channels_last for a contiguous weight)."""
+    channels_last = like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(
+        memory_format=torch.channels_last)
+    return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 # One flat scratch buffer per (device, dtype, thread), grown to the largest request and reused by every backward.
 # On CPU a fresh activation-sized tensor is fresh pages from the kernel: writing it costs page faults and freeing
 # it an munmap, so a temporary allocated per layer per step cost twice what the arithmetic into it does (0.68 vs
@@ -89,7 +97,9 @@ def step_gradient_sum(grad: torch.Tensor, out: torch.Tensor, x: torch.Tensor, lo
     The difference is formed per element (summing g*out and g*x apart would cancel in float32: two large sums,
     a small difference). On CPU it is built in the reused scratch buffer in two passes, x where inside
     (hardtanh_backward of x against itself) then out minus that, and summed in one dot product."""
-    flats = _flat_views(grad, out, x) if _uses_scratch(x) and grad.dtype == out.dtype == x.dtype else None
+    flats = None
+    if _uses_scratch(x) and grad.dtype == out.dtype == x.dtype:
+        flats = _flat_views(_in_layout_of(grad, x), _in_layout_of(out, x), x)
     if flats is None:
         inside = (x > low) & (x < high)
         return (grad * torch.where(inside, out - x, out)).sum()
