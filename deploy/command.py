@@ -258,6 +258,8 @@ def _export_int8(config, net: nn.Module, images: torch.Tensor, datamodule, out: 
     print("per layer:")
     for route in report.routes:
         print(f"  {route.describe()}")
+    print(f"layout: {report.channels_last_ops} integer ops written channels-last (NHWC), Transposes only where "
+          "8-bit tensors enter or leave them")
     from deploy.verify import runtime_kernels
 
     with tempfile.TemporaryDirectory(prefix="qreg-kernels-") as scratch:

@@ -34,9 +34,15 @@ import torch
 from onnx import ModelProto, TensorProto, helper
 
 from deploy.new_points import calibrate, new_point_grid
-from deploy.onnx_graph import GraphIndex, drop_dead_nodes, replace_nodes, sort_topologically
+from deploy.onnx_graph import (
+    MICROSOFT,
+    GraphIndex,
+    drop_dead_nodes,
+    import_microsoft_ops,
+    replace_nodes,
+    sort_topologically,
+)
 
-MICROSOFT = "com.microsoft"  # QLinearAdd, QLinearMul, QLinearSigmoid, QLinearConcat: ONNX Runtime's contrib ops
 _STORAGE = {TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
 # Ops whose outputs are some of their input's values: the input's grid holds them exactly.
 GRID_KEEPING = ("MaxPool", "Resize")
@@ -233,8 +239,7 @@ def integer_activations(model: ModelProto, calibration: torch.Tensor) -> list[tu
     if not rewrite.routes:
         return []
     replace_nodes(model.graph, [n for n in model.graph.node if id(n) not in rewrite.removed] + rewrite.added)
-    if not any(entry.domain == MICROSOFT for entry in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MICROSOFT, 1))
+    import_microsoft_ops(model)
     drop_dead_nodes(model)
     sort_topologically(model)
     return rewrite.routes

@@ -4,7 +4,11 @@ clean-up a rewrite needs afterwards (dead nodes and initializers dropped, nodes 
 from __future__ import annotations
 
 import numpy as np
-from onnx import ModelProto, numpy_helper
+from onnx import ModelProto, helper, numpy_helper
+
+# ONNX Runtime's contrib ops (QLinearAdd, QLinearMul, QLinearSigmoid, QLinearConcat, channels-last QLinearConv,
+# NhwcMaxPool): the int8 graph is written for ONNX Runtime.
+MICROSOFT = "com.microsoft"
 
 
 class GraphIndex:
@@ -42,6 +46,12 @@ class GraphIndex:
         self.graph.initializer.append(tensor)
         self.initializers[name] = tensor
         return name
+
+
+def import_microsoft_ops(model: ModelProto) -> None:
+    """Declare the com.microsoft domain in the model's opset imports (once)."""
+    if not any(entry.domain == MICROSOFT for entry in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MICROSOFT, 1))
 
 
 def replace_nodes(graph, nodes: list) -> None:

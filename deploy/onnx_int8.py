@@ -24,7 +24,9 @@ Where its output goes decides the output's grid, one of two *routes*:
 With new points, the float ops those outputs enter (residual additions and ReLUs, SiLUs, concatenations, max
 pools, upsampling) run on integers too (`deploy.integer_activations`: each writes the next quantizer's
 integers, or a new 8-bit point for its float readers), so the network stays in ONNX Runtime's channels-last
-integer layout from one convolution to the next.
+integer layout from one convolution to the next. That layout is then written into the file
+(`deploy.channels_last`): ONNX Runtime's own transformer left ResNet20's first stage in NCHW with a Transpose
+around every conv.
 
 What stays as in the QDQ graph, and why, is reported per layer: a layer whose input is not quantized (the first
 layer reads the float image, unless the image is 8-bit pixels / 255: `read_image_levels`), weights that need
@@ -43,6 +45,7 @@ import torch
 from onnx import ModelProto, TensorProto, helper
 from torch import nn
 
+from deploy.channels_last import lay_out_channels_last
 from deploy.errors import ExportError
 from deploy.integer_activations import integer_activations
 from deploy.new_points import calibrate, new_point_grid
@@ -73,6 +76,7 @@ class Int8Export(OnnxExport):
     """The QDQ export's report, and each quantized layer's route."""
 
     routes: list[LayerRoute] = field(default_factory=list)
+    channels_last_ops: int = 0  # integer ops written channels-last (deploy.channels_last)
 
     def route_summary(self) -> str:
         """e.g. '10 requantized, 11 new 8-bit point, 2 kept as QDQ'."""
@@ -422,5 +426,7 @@ def export_onnx_int8(net: nn.Module, example: torch.Tensor, calibration: torch.T
         raise ExportError("no quantized layer has both its input and its weights on 8-bit integer grids, so "
                           "--format onnx-int8 has nothing to run in integer kernels (weights-only methods such as "
                           "dorefa quantize no activations); use --format onnx")
+    channels_last_ops = lay_out_channels_last(model)
     size = write_model(model, Path(path), check)
-    return Int8Export(**{**vars(report), "path": Path(path), "size": size}, routes=routes)
+    return Int8Export(**{**vars(report), "path": Path(path), "size": size}, routes=routes,
+                      channels_last_ops=channels_last_ops)

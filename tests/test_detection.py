@@ -406,10 +406,18 @@ def test_a_quantized_detector_exports_to_onnx_int8(short_study, tmp_path, capsys
     # The raw maps within the check's 5 %; the decoded boxes are judged by the detections found again (this
     # 3-epoch model scores none above 0.25: the slow test below checks them on the 12-epoch one).
     assert max(v for name, v in relative.items() if name != "detections") < 0.05, relative
-    ops = [node.op_type for node in onnx.load(str(out)).graph.node]
+    nodes = onnx.load(str(out)).graph.node
+    ops = [node.op_type for node in nodes]
     # The image conv too: the detector's images are 8-bit pixels / 255, which it reads as uint8 levels, exactly.
     assert ops.count("QLinearConv") == 57 and ops.count("Conv") == 3  # the 3 head convs
     assert {"QLinearSigmoid", "QLinearMul", "QLinearConcat", "QLinearAdd"} <= set(ops)  # SiLUs, C3s, bottlenecks
+    # Written channels-last (deploy.channels_last): every integer conv, the SPPF's three max pools; Transposes
+    # only for the image's integers in and the three head convs' inputs out.
+    assert all(node.domain == "com.microsoft" for node in nodes if node.op_type == "QLinearConv")
+    producers = {output: node for node in nodes for output in node.output}
+    layout_moves = [node for node in nodes if node.op_type == "Transpose" and (
+        producers[node.input[0]].op_type.startswith("QLinear") or producers[node.input[0]].op_type == "QuantizeLinear")]
+    assert ops.count("NhwcMaxPool") == 3 and len(layout_moves) == 4  # (the head's decoding has its own Transposes)
 
 
 def test_a_detector_whose_detections_are_not_found_again_is_not_written(short_study, tmp_path, capsys,
