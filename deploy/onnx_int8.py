@@ -410,6 +410,28 @@ def read_image_levels(model: ModelProto, calibration: torch.Tensor) -> LayerRout
                                                  "on them, so the convs reading the image read integers, exactly")
 
 
+def bias_into_float_convs(model: ModelProto) -> int:
+    """Give each float Conv left in the graph (the layers kept as QDQ) its folded BatchNorm shift back as the Conv's
+    own bias, in place of the separate Add that folding wrote for the integer rewrite to read. ONNX Runtime then
+    fuses Conv, bias and ReLU into one kernel (its Conv + Add fusion does not fire on a Conv whose weights are a
+    DequantizeLinear). The Conv adds its bias to the accumulated sum as the Add did: bitwise the same outputs.
+    Returns how many were merged."""
+    graph = GraphIndex(model)
+    merged = 0
+    for conv in [node for node in model.graph.node if node.op_type == "Conv" and len(node.input) == 2]:
+        add = graph.only_consumer(conv.output[0])
+        shift = graph.constant(add.input[1]) if add is not None and add.op_type == "Add" else None
+        if shift is None or shift.ndim != 4 or shift.shape[:1] + shift.shape[2:] != (1, 1, 1):
+            continue
+        conv.input.append(graph.add_initializer(f"{add.input[1]}.as_conv_bias", shift.reshape(-1)))
+        conv.output[0] = add.output[0]
+        model.graph.node.remove(add)
+        merged += 1
+    if merged:
+        drop_dead_nodes(model)
+    return merged
+
+
 def export_onnx_int8(net: nn.Module, example: torch.Tensor, calibration: torch.Tensor, path: str | Path,
                      new_points: bool = True, check: Callable[[Path], None] | None = None) -> Int8Export:
     """Write `net` (fake-quant) as ONNX whose quantized convolutions are QLinearConv; `example` is one input batch,
@@ -426,6 +448,7 @@ def export_onnx_int8(net: nn.Module, example: torch.Tensor, calibration: torch.T
         raise ExportError("no quantized layer has both its input and its weights on 8-bit integer grids, so "
                           "--format onnx-int8 has nothing to run in integer kernels (weights-only methods such as "
                           "dorefa quantize no activations); use --format onnx")
+    bias_into_float_convs(model)
     channels_last_ops = lay_out_channels_last(model)
     size = write_model(model, Path(path), check)
     return Int8Export(**{**vars(report), "path": Path(path), "size": size}, routes=routes,

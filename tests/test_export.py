@@ -275,7 +275,9 @@ def test_int8_export_runs_qlinearconv_and_agrees(quantized_nets, digits, tmp_pat
     # shortcut, the float stem's output, gets a point of its own)
     assert counts == {REQUANTIZED: 9, NEW_POINT: 11, INTEGER_OP: 10, KEPT: 2}
     kernels = runtime_kernels(report.path, tmp_path)
-    assert kernels["QLinearConv"] == 20 and kernels.get("Conv", 0) == 1  # the first layer reads the float image
+    # The first layer reads the float image: one float conv, with its BatchNorm shift as its own bias
+    # (bias_into_float_convs) so ONNX Runtime fuses the conv, the shift and the ReLU.
+    assert kernels["QLinearConv"] == 20 and kernels.get("FusedConv", 0) == 1 and "Conv" not in kernels
     assert kernels["QLinearAdd"] >= 9
     graph = onnx.load(str(report.path)).graph
     constants = {t.name for t in graph.initializer}
@@ -293,12 +295,14 @@ def test_int8_export_runs_qlinearconv_and_agrees(quantized_nets, digits, tmp_pat
 def test_int8_layout_is_written_channels_last_and_changes_no_value(quantized_nets, digits, tmp_path, monkeypatch):
     """The integer section is written NHWC (deploy.channels_last): ONNX Runtime then runs 3 Transposes (the stem's
     two quantized outputs in, the last block's integers out) instead of the 8-9 its own layout transformer left
-    around ResNet20's first stage, and the outputs are bitwise those of the NCHW graph."""
+    around ResNet20's first stage. That and the stem's shift given back to its conv as a bias
+    (bias_into_float_convs) leave the outputs bitwise those of the graph without them."""
     import deploy.onnx_int8
 
     net, images = quantized_nets["lsq-W8A8"], digits["test_x"]
     report = export_onnx_int8(net, images[:2], digits["train_x"], tmp_path / "nhwc.onnx")
     monkeypatch.setattr(deploy.onnx_int8, "lay_out_channels_last", lambda model: 0)
+    monkeypatch.setattr(deploy.onnx_int8, "bias_into_float_convs", lambda model: 0)
     export_onnx_int8(net, images[:2], digits["train_x"], tmp_path / "nchw.onnx")
     graph = onnx.load(str(report.path)).graph
     assert report.channels_last_ops == 20 + sum(node.op_type == "QLinearAdd" for node in graph.node)
