@@ -415,10 +415,12 @@ def bias_into_float_convs(model: ModelProto) -> int:
     own bias, in place of the separate Add that folding wrote for the integer rewrite to read. ONNX Runtime then
     fuses Conv, bias and ReLU into one kernel (its Conv + Add fusion does not fire on a Conv whose weights are a
     DequantizeLinear). The Conv adds its bias to the accumulated sum as the Add did: bitwise the same outputs.
-    Returns how many were merged."""
+    Only a Conv on a float input (the image conv): on a dequantized input ONNX Runtime may fuse the Conv into an
+    integer kernel and round its bias to int32 (see `--fold_bn` in the README). Returns how many were merged."""
     graph = GraphIndex(model)
     merged = 0
-    for conv in [node for node in model.graph.node if node.op_type == "Conv" and len(node.input) == 2]:
+    for conv in [node for node in model.graph.node if node.op_type == "Conv" and len(node.input) == 2
+                 and graph.producer(node.input[0], "DequantizeLinear") is None]:
         add = graph.only_consumer(conv.output[0])
         shift = graph.constant(add.input[1]) if add is not None and add.op_type == "Add" else None
         if shift is None or shift.ndim != 4 or shift.shape[:1] + shift.shape[2:] != (1, 1, 1):
