@@ -106,6 +106,14 @@ def op_times(path: Path, images: np.ndarray, threads: int, runs: int = 20, warmu
     return dict(totals.most_common())
 
 
+def print_op_times(models: dict[str, Path], images: np.ndarray, threads: int, runs: int = 20) -> None:
+    """One line per model: its total kernel time and each operator type's share (>= 0.05 ms)."""
+    for label, path in models.items():
+        times = op_times(path, images, threads, runs=runs)
+        listed = ", ".join(f"{op} {ms:.1f}" for op, ms in times.items() if ms >= 0.05)
+        print(f"- {label} ({sum(times.values()):.1f} ms in kernels): {listed}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 128])
@@ -158,10 +166,8 @@ def main() -> None:
         batch = max(args.batches)
         images = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
         print(f"\nms per batch of {batch} by operator (ONNX Runtime's profiler, 20 runs):\n")
-        for label in ("FP32", "LSQ W8A8 QDQ", "LSQ W8A8 onnx-int8"):
-            times = op_times(models[label], images, args.threads)
-            listed = ", ".join(f"{op} {ms:.1f}" for op, ms in times.items() if ms >= 0.05)
-            print(f"- {label} ({sum(times.values()):.1f} ms in kernels): {listed}")
+        print_op_times({label: models[label] for label in ("FP32", "LSQ W8A8 QDQ", "LSQ W8A8 onnx-int8")},
+                       images, args.threads)
 
     if args.yolo_size:
         yolo(args, scratch)
@@ -205,10 +211,8 @@ def yolo(args, scratch: Path) -> None:
         print(f"| {label} | {1000 * median:.1f} | {median / medians['YOLOv5n FP32']:.2f}x |")
     if args.profile:
         print(f"\nms per image by operator (ONNX Runtime's profiler, {size} px):\n")
-        for label in ("YOLOv5n FP32", "YOLOv5n LSQ W8A8 onnx-int8"):
-            op_ms = op_times(paths[label], images, args.threads, runs=10)
-            listed = ", ".join(f"{op} {ms:.1f}" for op, ms in op_ms.items() if ms >= 0.05)
-            print(f"- {label} ({sum(op_ms.values()):.1f} ms in kernels): {listed}")
+        print_op_times({label: paths[label] for label in ("YOLOv5n FP32", "YOLOv5n LSQ W8A8 onnx-int8")},
+                       images, args.threads, runs=10)
 
 
 if __name__ == "__main__":

@@ -49,10 +49,10 @@ def _layout_free_inputs(graph: GraphIndex, node, integers: set[str]) -> tuple[in
         return tuple(range(2, len(node.input), 3)) if _attributes(node).get("axis") in _NCHW_TO_NHWC_AXIS else None
     if node.op_type == "MaxPool" and node.input[0] in integers and len(node.output) == 1:
         return (0,)
-    nearest = _attributes(node).get("mode", b"nearest") == b"nearest"
-    if node.op_type == "Resize" and node.input[0] in integers and nearest:
+    if node.op_type == "Resize" and node.input[0] in integers:
+        nearest = _attributes(node).get("mode", b"nearest") == b"nearest"
         scales = graph.constant(node.input[2]) if len(node.input) == 3 and node.input[2] else None
-        return (0,) if scales is not None and scales.shape == (4,) else None
+        return (0,) if nearest and scales is not None and scales.shape == (4,) else None
     return None
 
 

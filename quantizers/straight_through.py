@@ -112,9 +112,9 @@ def step_gradient_sum(grad: torch.Tensor, out: torch.Tensor, x: torch.Tensor, lo
 def sum_where_at_least(grad: torch.Tensor, x: torch.Tensor, threshold) -> torch.Tensor:
     """sum(grad where x >= threshold)."""
     if _uses_scratch(x):
-        flats = _flat_views(grad, x)
         below = _next(threshold, -math.inf, x.dtype)  # threshold_backward passes x > below
-        if flats is None or grad.dtype != x.dtype:
+        flats = _flat_views(grad, x) if grad.dtype == x.dtype else None
+        if flats is None:
             return torch.ops.aten.threshold_backward(grad, x, below).sum()
         kept = _scratch(flats[0].numel(), flats[0])
         return torch.ops.aten.threshold_backward.grad_input(*flats, below, grad_input=kept).sum()

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+from onnx_helpers import image_graph
 
 from deploy.channels_last import lay_out_channels_last
 from deploy.onnx_graph import MICROSOFT
@@ -41,13 +42,8 @@ def _integer_graph() -> onnx.ModelProto:
                          **microsoft),
         helper.make_node("DequantizeLinear", ["sum", "y_s", "z128"], ["out"]),
     ]
-    graph = helper.make_graph(
-        nodes, "integers", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [None, 3, 8, 8])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None),
-         helper.make_tensor_value_info("cat", TensorProto.UINT8, None)],
-        [numpy_helper.from_array(v, k) for k, v in constants.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MICROSOFT, 1)],
-                             ir_version=10)
+    return image_graph("integers", nodes, [None, 3, 8, 8], {"out": TensorProto.FLOAT, "cat": TensorProto.UINT8},
+                       constants)
 
 
 def test_the_integer_section_runs_channels_last_with_the_same_values():

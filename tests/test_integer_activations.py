@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from onnx_helpers import image_graph
 
 from deploy.integer_activations import integer_activations
 from deploy.onnx_qdq import INPUT_NAME
@@ -38,12 +39,8 @@ def _residual_graph(integer_operand: bool = True) -> onnx.ModelProto:
               helper.make_node("Relu", ["sum"], ["sum_relu"]),
               helper.make_node("QuantizeLinear", ["sum_relu", "next.input_scale", "sum_zero"], ["sum_integers"]),
               helper.make_node("ReduceMean", ["sum_relu", "axes"], ["pooled"])]
-    graph = helper.make_graph(
-        nodes, "residual", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, SHAPE)],
-        [helper.make_tensor_value_info("sum_integers", TensorProto.UINT8, None),
-         helper.make_tensor_value_info("pooled", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(value, name) for name, value in constants.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    outputs = {"sum_integers": TensorProto.UINT8, "pooled": TensorProto.FLOAT}
+    return image_graph("residual", nodes, SHAPE, outputs, constants)
 
 
 def _images(count: int, seed: int) -> torch.Tensor:
@@ -106,12 +103,8 @@ def _silu_graph() -> onnx.ModelProto:
              helper.make_node("QuantizeLinear", ["silu", "next.input_scale", "next_zero"], ["silu_integers"]),
              helper.make_node("MaxPool", ["x"], ["pooled"], name="pool", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
                               strides=[1, 1])]
-    graph = helper.make_graph(
-        nodes, "silu", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, SHAPE)],
-        [helper.make_tensor_value_info("silu_integers", TensorProto.UINT8, None),
-         helper.make_tensor_value_info("pooled", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(value, name) for name, value in constants.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    outputs = {"silu_integers": TensorProto.UINT8, "pooled": TensorProto.FLOAT}
+    return image_graph("silu", nodes, SHAPE, outputs, constants)
 
 
 def test_a_silu_runs_as_qlinear_sigmoid_and_mul_and_a_max_pool_keeps_its_grid():
@@ -144,11 +137,7 @@ def _image_conv_graph() -> onnx.ModelProto:
     constants = {"w": weights, "w_scale": np.array(0.01, np.float32)}
     nodes = [helper.make_node("DequantizeLinear", ["w", "w_scale"], ["weight"]),
              helper.make_node("Conv", [INPUT_NAME, "weight"], ["features"], pads=[1, 1, 1, 1])]
-    graph = helper.make_graph(
-        nodes, "image", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [None, 3, 8, 8])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(value, name) for name, value in constants.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    return image_graph("image", nodes, [None, 3, 8, 8], {"features": TensorProto.FLOAT}, constants)
 
 
 def test_eight_bit_images_are_read_as_their_levels_and_normalised_ones_are_not():
