@@ -74,7 +74,7 @@ class PeerStep(TimedTrainingStep):
         self.images, self.labels = batch
         self.device = "cpu"
         with torch.no_grad():
-            self.model(self.images)  # the first batch: qreg's and Brevitas's steps from statistics, torch.ao's observers
+            self.model(self.images)  # first batch: qreg's, Brevitas's steps from statistics; torch.ao's observers
         for module in self.model.modules():
             if hasattr(module, "enable_param_learning"):
                 module.enable_param_learning()  # torch.ao: observer off, scale learned from here on
